@@ -1,0 +1,72 @@
+"""CUDA graphs of the decode step, one per batch-size bucket.
+
+A decode step of a few-billion-parameter model launches hundreds of small kernels; replaying a
+captured graph removes their launch gaps. Graphs read static buffers (token ids, positions,
+cache slots, lengths), so the KV cache must not move after capture: the worker allocates it whole
+first. Rows that pad a batch up to its bucket write into a scratch cache slot nobody reads.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from engine.batch import ForwardBatch
+from engine.kv_cache import KVCache
+
+logger = logging.getLogger(__name__)
+
+
+def buckets(max_batch: int) -> list[int]:
+    sizes = [1, 2, 4, 8] + list(range(16, max_batch + 1, 16))
+    return sorted({s for s in sizes if s <= max_batch} | {max_batch})
+
+
+class DecodeGraphs:
+    def __init__(self, model: torch.nn.Module, cache: KVCache, max_batch: int, scratch_slot: int,
+                 device: torch.device):
+        self.model, self.cache, self.scratch_slot = model, cache, scratch_slot
+        self.max_batch = max_batch
+        long = dict(dtype=torch.long, device=device)
+        self.token_ids = torch.zeros(max_batch, **long)
+        self.positions = torch.zeros(max_batch, **long)
+        self.slots = torch.full((max_batch,), scratch_slot, **long)
+        self.kv_lens = torch.ones(max_batch, **long)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        pool = None
+        for size in reversed(buckets(max_batch)):  # largest first, so smaller ones reuse its pool
+            batch = self._batch(size)
+            with torch.inference_mode():
+                for _ in range(2):  # warm-up: Triton autotuning and allocator growth happen outside capture
+                    self._forward(batch)
+                torch.cuda.synchronize(device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.logits[size] = self._forward(batch)
+            pool = graph.pool()
+            self.graphs[size] = graph
+        logger.info("captured decode graphs for batch sizes %s", sorted(self.graphs))
+
+    def _batch(self, size: int) -> ForwardBatch:
+        return ForwardBatch.decode_view(self.token_ids[:size], self.positions[:size], self.slots[:size],
+                                        self.kv_lens[:size])
+
+    def _forward(self, batch: ForwardBatch) -> torch.Tensor:
+        return self.model.compute_logits(self.model(batch, self.cache))
+
+    def can_run(self, batch_size: int) -> bool:
+        return batch_size <= self.max_batch
+
+    def run(self, token_ids: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
+        """Logits [B, V] of one decode step; each sequence's new token sits at `positions`."""
+        n = len(token_ids)
+        size = next(s for s in sorted(self.graphs) if s >= n)
+        pad = size - n
+        self.token_ids[:size].copy_(torch.tensor(token_ids + [0] * pad), non_blocking=True)
+        self.positions[:size].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
+        self.slots[:size].copy_(torch.tensor(slots + [self.scratch_slot] * pad), non_blocking=True)
+        self.kv_lens[:size].copy_(torch.tensor([p + 1 for p in positions] + [1] * pad), non_blocking=True)
+        self.graphs[size].replay()
+        return self.logits[size][:n]

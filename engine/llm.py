@@ -1,0 +1,227 @@
+"""The offline API: `LLM(model, tensor_parallel_size=...).generate(prompts, SamplingParams(...))`."""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm import tqdm
+
+from engine.config import ModelConfig, parse_dtype
+from engine.default_model import prepare_default
+from engine.engine_config import EngineConfig
+from engine.executor import executor_class, resolve_name
+from engine.sampling import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence as Seq
+from engine.step import StepInput
+from parallel.sharding import check_heads
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestOutput:
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list[dict[int, float]] | None = None
+    prompt_logprobs: list[float] | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_model_path(model: str | Path) -> Path:
+    if str(model) == "default":
+        return prepare_default()
+    return Path(model)
+
+
+def resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig, device: str) -> torch.dtype:
+    if dtype != "auto":
+        return parse_dtype(dtype)
+    if cfg.quantization_config:
+        # packed-weight kernels compute in 16 bits: bf16 is the fast CPU path, fp16 the GPU one
+        return torch.bfloat16 if device == "cpu" else torch.float16
+    if device == "cuda" and cfg.torch_dtype == torch.float32:
+        return torch.bfloat16
+    return cfg.torch_dtype
+
+
+def load_tokenizer(path: Path):
+    """The checkpoint's HF tokenizer, or None for a checkpoint without one (token-id prompts only)."""
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        logger.info("%s has no tokenizer: prompts must be token ids and outputs have no text", path)
+        return None
+    from transformers import AutoTokenizer  # heavy; only the driver-side API needs it
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+class LLM:
+    def __init__(self, model: str | Path = "default", tensor_parallel_size: int = 1, executor: str = "auto",
+                 dtype: str | torch.dtype = "auto", device: str = "auto", max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 8192, max_model_len: int | None = None, seed: int = 0,
+                 progress: bool = True, dist_timeout_s: float = 120.0, cuda_graphs: bool = True,
+                 load_format: str = "auto", **executor_options: Any):
+        if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got {tensor_parallel_size!r}")
+        if load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy' (random weights), got {load_format!r}")
+        path = resolve_model_path(model)
+        cfg = ModelConfig.from_dir(path)
+        # Refuse an impossible split before any process starts or any weight is read.
+        check_heads(cfg.num_attention_heads, cfg.num_key_value_heads, tensor_parallel_size)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+        self.model_config = cfg
+        self.config = EngineConfig(
+            model_path=str(path), tensor_parallel_size=tensor_parallel_size, dtype=resolve_dtype(dtype, cfg, device),
+            device=device, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            max_model_len=min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings),
+            seed=seed, progress=progress, dist_timeout_s=dist_timeout_s, cuda_graphs=cuda_graphs,
+            load_format=load_format)
+        self.tokenizer = load_tokenizer(path)
+        self.executor_name = resolve_name(executor, tensor_parallel_size)
+        self.executor = executor_class(self.executor_name)(self.config, **executor_options)
+        self._ids = itertools.count()
+        atexit.register(self.shutdown)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        if getattr(self, "executor", None) is not None:
+            executor, self.executor = self.executor, None
+            executor.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def _tokenize(self, prompt: str | Sequence[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"{self.config.model_path} has no tokenizer: pass prompts as token-id lists")
+            return prompt, self.tokenizer(prompt)["input_ids"]
+        ids = list(prompt)
+        if not ids or not all(isinstance(t, int) and 0 <= t < self.model_config.vocab_size for t in ids):
+            raise ValueError(f"a token-id prompt must be a non-empty list of ints in [0, {self.model_config.vocab_size})")
+        return None, ids
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
+
+    def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
+             sampling_params: SamplingParams | None = None, **kwargs) -> list[RequestOutput]:
+        if self.tokenizer is None:
+            raise ValueError(f"{self.config.model_path} has no tokenizer, so no chat template")
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+                   for c in conversations]
+        return self.generate(prompts, sampling_params, **kwargs)
+
+    def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        if self.executor is None:
+            raise RuntimeError("this LLM has been shut down")
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if self.executor.is_follower:
+            return self._follow(prompts)
+        params = sampling_params or SamplingParams()
+        params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling parameter sets")
+        seqs = []
+        for prompt, p in zip(prompts, params):
+            text, ids = self._tokenize(prompt)
+            if len(ids) + p.max_tokens > self.config.max_model_len and len(ids) >= self.config.max_model_len:
+                raise ValueError(f"prompt of {len(ids)} tokens does not fit max_model_len={self.config.max_model_len}")
+            seqs.append((text, Seq(next(self._ids), ids, p)))
+        start = time.perf_counter()
+        self._run([s for _, s in seqs], use_tqdm)
+        elapsed = time.perf_counter() - start
+        self.executor.end_of_call([s.output_token_ids for _, s in seqs])
+        generated = sum(len(s.output_token_ids) for _, s in seqs)
+        logger.info("generated %d tokens for %d prompts in %.2fs (%.1f tokens/s)", generated, len(seqs), elapsed,
+                    generated / max(elapsed, 1e-9))
+        return [self._output(text, s, elapsed) for text, s in seqs]
+
+    def _follow(self, prompts) -> list[RequestOutput]:
+        outputs = []
+        for prompt, ids in zip(prompts, self.executor.follow()):
+            text, prompt_ids = self._tokenize(prompt)
+            outputs.append(RequestOutput(text, prompt_ids, self._decode(ids),
+                                         ids, None))
+        return outputs
+
+    def _output(self, text: str | None, s: Seq, elapsed: float) -> RequestOutput:
+        return RequestOutput(text, s.prompt_token_ids, s.text, s.output_token_ids, s.finish_reason,
+                             s.logprobs if s.params.logprobs is not None else None, s.prompt_logprobs,
+                             {"elapsed_s": elapsed})
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def _run(self, seqs: list[Seq], use_tqdm: bool) -> None:
+        scheduler = Scheduler(self.config.max_num_seqs, self.config.max_num_batched_tokens)
+        for s in seqs:
+            scheduler.add(s)
+        eos = set(self.model_config.eos_token_ids)
+        with tqdm(total=len(seqs), desc="generating", disable=not use_tqdm, unit="req") as bar:
+            while scheduler.has_work():
+                batch = scheduler.schedule()
+                step = StepInput(
+                    seq_ids=[s.seq_id for s in batch], token_ids=[s.next_tokens() for s in batch],
+                    context_lens=[s.num_cached for s in batch], finished=scheduler.take_finished_ids(),
+                    prompt_logprobs=[s.params.prompt_logprobs and s.num_cached == 0 for s in batch],
+                    sampling=[s.params for s in batch])
+                out = self.executor.execute(step)
+                for i, s in enumerate(batch):
+                    s.num_cached += len(step.token_ids[i])
+                    if out.prompt_logprobs and out.prompt_logprobs[i] is not None:
+                        s.prompt_logprobs = out.prompt_logprobs[i]
+                    reason = self._append(s, out.token_ids[i], out.logprobs[i] if out.logprobs else None, eos)
+                    if reason:
+                        scheduler.finish(s, reason)
+                        bar.update(1)
+        # drop the last finished sequences' caches now rather than at the next call
+        finished = scheduler.take_finished_ids()
+        if finished:
+            self.executor.execute(StepInput([], [], [], finished=finished, sampling=[]))
+
+    def _append(self, s: Seq, token: int, logprobs, eos: set[int]) -> str | None:
+        p = s.params
+        s.output_token_ids.append(token)
+        if logprobs is not None:
+            s.logprobs.append(logprobs)
+        stop_token = (token in eos and not p.ignore_eos) or token in p.stop_token_ids
+        if stop_token:
+            s.text = self._decode(s.output_token_ids[:-1])
+            return "stop"
+        if p.stop or len(s.output_token_ids) >= p.max_tokens:
+            s.text = self._decode(s.output_token_ids)
+            for stop in p.stop:
+                cut = s.text.find(stop)
+                if cut >= 0:
+                    s.text = s.text[:cut]
+                    return "stop"
+        if len(s.output_token_ids) >= p.max_tokens:
+            return "length"
+        if s.num_tokens >= self.config.max_model_len:
+            s.text = self._decode(s.output_token_ids)
+            return "length"
+        return None

@@ -1,0 +1,63 @@
+"""One engine step as sent to every rank, and what rank 0 sends back.
+
+Every rank must run the same step; only rank 0 samples, so only it needs sampling parameters.
+`encode`/`decode` turn the rank-independent part into one int64 tensor for a broadcast over the
+control group (torchrun and mp followers); no pickling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.sampling import SamplingParams
+
+STOP = 1  # flag: followers leave their loop
+END_OF_CALL = 2  # flag: the driver's generate() call is over (SPMD followers return)
+
+
+@dataclass
+class StepInput:
+    seq_ids: list[int]
+    token_ids: list[list[int]]  # new tokens of each sequence this step
+    context_lens: list[int]  # tokens of each sequence already in the KV cache
+    finished: list[int] = field(default_factory=list)  # sequences to drop before this step
+    prompt_logprobs: list[bool] = field(default_factory=list)  # logits for every new token of that sequence
+    sampling: list[SamplingParams] | None = None  # rank 0 only
+    flags: int = 0
+
+    def encode(self) -> torch.Tensor:
+        n = len(self.seq_ids)
+        want_all = self.prompt_logprobs or [False] * n
+        header = [self.flags, n, len(self.finished)]
+        body = (list(self.seq_ids) + list(self.context_lens) + [len(t) for t in self.token_ids]
+                + [int(w) for w in want_all] + list(self.finished) + [t for seq in self.token_ids for t in seq])
+        return torch.tensor(header + body, dtype=torch.int64)
+
+    @classmethod
+    def decode(cls, t: torch.Tensor) -> "StepInput":
+        v = t.tolist()
+        flags, n, n_finished = v[:3]
+        pos = 3
+        seq_ids, pos = v[pos:pos + n], pos + n
+        context_lens, pos = v[pos:pos + n], pos + n
+        query_lens, pos = v[pos:pos + n], pos + n
+        want_all, pos = [bool(x) for x in v[pos:pos + n]], pos + n
+        finished, pos = v[pos:pos + n_finished], pos + n_finished
+        token_ids = []
+        for q in query_lens:
+            token_ids.append(v[pos:pos + q])
+            pos += q
+        return cls(seq_ids, token_ids, context_lens, finished, want_all, None, flags)
+
+    @classmethod
+    def control(cls, flags: int) -> "StepInput":
+        return cls([], [], [], flags=flags)
+
+
+@dataclass
+class StepOutput:
+    token_ids: list[int]  # the next token of each sequence, in step order
+    logprobs: list[dict[int, float] | None] | None = None
+    prompt_logprobs: list[list[float] | None] | None = None  # log p(token_j | prefix) for new tokens j >= 1

@@ -1,0 +1,1 @@
+"""Tensor parallelism: process groups, sharding rules, parallel layers, collectives."""
