@@ -1,0 +1,265 @@
+"""Triton kernel: y = x @ W^T with W dequantized in registers from its packed form.
+
+One kernel, specialised by constexprs, serves every layout:
+- WEIGHT: how codes are stored. KPACK: b-bit codes packed along K, 32 // b per int32 word (GPTQ
+  2/4/8-bit). Each word is loaded once, then either unpacked in registers into the block's codes
+  in K order (SLICES = 1: halves split and interleaved, 32 → 16 → 8 → 4 bits), or peeled off one
+  code per word at a time (SLICES = 32 // b: slice j holds rows k0 + i*SLICES + j, and x is read
+  with the matching stride; the dot sums over K in any order). KPACK_STREAM: the same layout read
+  as a bit stream row by row, for widths whose codes straddle words (3-bit).
+  NPACK_AWQ: 4-bit codes packed along N in AWQ order. DENSE: int8 or float8 [N, K].
+- SCALES: CHANNEL ([N], after the K loop), TENSOR (0-d, after the loop), GROUP (rows of one
+  BLOCK_K block share a group: the block's partial sum is scaled once) or ROW (group per row,
+  from g_idx or k // GROUP_SIZE, scaled element by element: unequal or small groups).
+- ZEROS: NONE (signed codes), CONST (symmetric 2**(b-1)), TABLE (uint8 [G, N], unpacked at load).
+- USE_DOT: tensor-core tile (acc[BLOCK_N, BLOCK_M] = W_tile @ x_tile^T: the dequantized weight is
+  the left operand so it can stay in registers on Hopper) or, for M = 1, a GEMV that accumulates
+  acc[BLOCK_N, SLICE_K] with FMAs and reduces once at the end.
+- SPLIT_K > 1: programs on one output tile split K, add fp32 partials into a zeroed workspace with
+  atomics, and the last to arrive (a per-tile counter) converts the sum, writes y and zeroes the
+  workspace and counter again: one launch, no memset, safe to capture in a CUDA graph.
+
+Integer codes become floats without int-to-float conversions (a quarter-rate instruction on NVIDIA
+GPUs): OR-ing a code < 2**23 into the mantissa of 2**23 gives the float 2**23 + code exactly, and
+subtracting 2**23 + zero_point leaves (code - zero_point), exactly. The GEMV with 16-bit
+activations and block-wide scales (LOW_MAGIC) saves that subtraction per element: it ORs the code
+into 256's mantissa (256 + code, exact for 8-bit codes), accumulates (256 + code) * x, and takes
+(256 + zero) * sum(x) off once per block; the cancellation costs ~9 of fp32's 24 bits, far below
+bf16/fp16 output rounding. EVEN (every block full in N and K) drops the bounds masks.
+
+Whether kernels are interpreted is fixed when this module is (re)loaded (TRITON_INTERPRET);
+`kernels.triton_backend` reloads it when that setting has changed.
+"""
+
+import os
+
+import triton
+import triton.language as tl
+
+
+def interpret_requested() -> bool:
+    """TRITON_INTERPRET as triton reads it when a kernel is decorated."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
+
+
+INTERPRET = interpret_requested()
+
+# kernel-side constants must be constexpr globals; the launcher passes their `.value`
+KPACK, KPACK_STREAM, NPACK_AWQ, DENSE = (tl.constexpr(i) for i in range(4))
+SCALE_CHANNEL, SCALE_TENSOR, SCALE_GROUP, SCALE_ROW = (tl.constexpr(i) for i in range(4))
+ZERO_NONE, ZERO_CONST, ZERO_TABLE = (tl.constexpr(i) for i in range(3))
+
+MAGIC = tl.constexpr(8388608.0)  # 2**23
+MAGIC_BITS = tl.constexpr(0x4B000000)  # bit pattern of the float 2**23
+LOW_MAGIC_VALUE = tl.constexpr(256.0)  # the GEMV's: 256.0 has weight 1 at mantissa bit 15, so code << 15 adds code
+LOW_MAGIC_BITS = tl.constexpr(0x43800000)  # bit pattern of the float 256
+
+
+@triton.jit
+def _magic_float(codes):
+    """int32 codes in [0, 2**23) → float32 2**23 + code."""
+    return (codes | MAGIC_BITS).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _split_fields(codes, HALF: tl.constexpr):
+    """Each field of 2*HALF bits → its two HALF-bit halves, low half first, side by side along K."""
+    mask = (1 << HALF) - 1
+    return tl.interleave(codes & mask, (codes >> HALF) & mask)
+
+
+@triton.jit
+def _unpack_words(words, BITS: tl.constexpr):
+    """[BLOCK_N, W] words → [BLOCK_N, W * 32 // BITS] codes in stream order (column c: code c)."""
+    codes = _split_fields(words, 16)
+    if BITS <= 8:
+        codes = _split_fields(codes, 8)
+    if BITS <= 4:
+        codes = _split_fields(codes, 4)
+    if BITS <= 2:
+        codes = _split_fields(codes, 2)
+    return codes
+
+
+@triton.jit
+def _stream_codes(w_ptr, ks, offs_n, k_ok, n_ok, stride_w, BITS: tl.constexpr):
+    """[BLOCK_N, len(ks)] codes of rows ks from a bit stream along K (any width, words may straddle)."""
+    bit = ks * BITS
+    word = bit >> 5
+    shift = (bit & 31).to(tl.uint32)
+    mask = n_ok[:, None] & k_ok[None, :]
+    ptrs = w_ptr + word[None, :] * stride_w + offs_n[:, None]
+    codes = tl.load(ptrs, mask=mask, other=0).to(tl.uint32, bitcast=True) >> shift[None, :]
+    if 32 % BITS != 0:
+        # the high bits of a straddling code start the next word; elsewhere the masked load gives 0
+        spill = (bit & 31) + BITS > 32
+        nxt = tl.load(ptrs + stride_w, mask=mask & spill[None, :], other=0).to(tl.uint32, bitcast=True)
+        codes = codes | (nxt << ((32 - shift) & 31)[None, :])
+    return (codes & ((1 << BITS) - 1)).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _awq_codes(w_ptr, ks, offs_n, k_ok, n_ok, stride_w):
+    """[BLOCK_N, len(ks)] 4-bit codes packed along N; column c of a word sits in slot (c//2) + 4*(c%2)."""
+    c = offs_n % 8
+    shift = ((c // 2) + (c % 2) * 4) * 4
+    ptrs = w_ptr + ks[None, :] * stride_w + (offs_n // 8)[:, None]
+    words = tl.load(ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0)
+    return (words >> shift[:, None]) & 0xF
+
+
+@triton.jit
+def _load(ptrs, mask, other, MASKED: tl.constexpr):
+    """A load that drops its bounds mask when every block is known to be full (EVEN shapes)."""
+    if MASKED:
+        return tl.load(ptrs, mask=mask, other=other)
+    return tl.load(ptrs)
+
+
+@triton.jit
+def quant_matmul_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, g_ptr, y_ptr, ws_ptr, lock_ptr,
+    M, N, K, first_group,
+    stride_xm, stride_ym, stride_w, stride_s, stride_z,
+    WEIGHT: tl.constexpr, BITS: tl.constexpr, SLICES: tl.constexpr,
+    SCALES: tl.constexpr, ZEROS: tl.constexpr, ZERO_POINT: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    FLOAT_CODES: tl.constexpr, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr,
+    EVEN: tl.constexpr, LOW_MAGIC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    SLICE_K: tl.constexpr = BLOCK_K // SLICES
+    PER_WORD: tl.constexpr = 32 // BITS
+    MASKED: tl.constexpr = not EVEN
+    CODE_MASK: tl.constexpr = (1 << BITS) - 1
+    tile = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    pid_m = tile % num_m  # M varies fastest: programs sharing a weight tile run side by side (L2 reuse)
+    pid_n = tile // num_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N, SLICE_K), dtype=tl.float32)
+    if ZEROS == ZERO_CONST:
+        zero_off = MAGIC + ZERO_POINT
+        low_zero = LOW_MAGIC_VALUE + ZERO_POINT
+
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        if USE_DOT:
+            part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            part = tl.zeros((BLOCK_N, SLICE_K), dtype=tl.float32)
+            if LOW_MAGIC:
+                x_sum = tl.zeros((SLICE_K,), dtype=tl.float32)
+        if SCALES == SCALE_GROUP:
+            group = first_group + k0 // GROUP_SIZE
+            if ZEROS == ZERO_TABLE:
+                z = _load(z_ptr + group * stride_z + offs_n, n_ok, 0, MASKED).to(tl.int32)
+                zero_off = _magic_float(z)[:, None]
+                low_zero = (z.to(tl.float32) + LOW_MAGIC_VALUE)[:, None]
+        if WEIGHT == KPACK:
+            rows = k0 // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
+            words = _load(w_ptr + rows[None, :] * stride_w + offs_n[:, None],
+                          n_ok[:, None] & (rows < tl.cdiv(K, PER_WORD))[None, :], 0, MASKED)
+        for j in tl.static_range(SLICES):
+            ks = k0 + tl.arange(0, SLICE_K) * SLICES + j
+            k_ok = ks < K
+            # ---- the weight slice, [BLOCK_N, SLICE_K] float32 ----
+            if WEIGHT == DENSE:
+                ptrs = w_ptr + offs_n[:, None] * stride_w + ks[None, :]
+                dmask = n_ok[:, None] & k_ok[None, :]
+                if FLOAT_CODES:
+                    w = _load(ptrs, dmask, 0.0, MASKED).to(tl.float32)
+                else:  # int8: shift to [0, 256) for the exact float trick
+                    w = _magic_float(_load(ptrs, dmask, 0, MASKED).to(tl.int32) + 128) - (MAGIC + 128)
+            else:
+                if WEIGHT == KPACK:
+                    if SLICES == 1:
+                        codes = _unpack_words(words, BITS)
+                    elif LOW_MAGIC:  # code j of each word straight into mantissa bits 15.. (one shift)
+                        if j * BITS <= 15:
+                            codes = (words << (15 - j * BITS)) & (CODE_MASK << 15)
+                        else:
+                            codes = (words >> (j * BITS - 15)) & (CODE_MASK << 15)
+                    else:
+                        codes = (words >> (j * BITS)) & CODE_MASK
+                elif WEIGHT == KPACK_STREAM:
+                    codes = _stream_codes(w_ptr, ks, offs_n, k_ok, n_ok, stride_w, BITS)
+                else:
+                    codes = _awq_codes(w_ptr, ks, offs_n, k_ok, n_ok, stride_w)
+                if LOW_MAGIC:
+                    if WEIGHT != KPACK or SLICES == 1:
+                        codes = codes << 15
+                    # 256 + code; 256 + zero comes off once per block, against the sum of x
+                    w = (codes | LOW_MAGIC_BITS).to(tl.float32, bitcast=True)
+                elif SCALES == SCALE_ROW:
+                    if GROUP_SIZE > 0:
+                        rg = first_group + ks // GROUP_SIZE
+                    else:
+                        rg = _load(g_ptr + ks, k_ok, 0, MASKED)
+                    rmask = n_ok[:, None] & k_ok[None, :]
+                    if ZEROS == ZERO_TABLE:
+                        zr = _load(z_ptr + rg[None, :] * stride_z + offs_n[:, None], rmask, 0, MASKED)
+                        zero_off = _magic_float(zr.to(tl.int32))
+                    sr = _load(s_ptr + rg[None, :] * stride_s + offs_n[:, None], rmask, 0.0, MASKED)
+                    w = (_magic_float(codes) - zero_off) * sr.to(tl.float32)
+                else:
+                    w = _magic_float(codes) - zero_off
+            # ---- the activation slice, rows ks ----
+            if USE_DOT:
+                xt_ptrs = x_ptr + offs_m[None, :] * stride_xm + ks[:, None]
+                if EVEN:
+                    xt = tl.load(xt_ptrs, mask=m_ok[None, :], other=0.0)
+                else:
+                    xt = tl.load(xt_ptrs, mask=k_ok[:, None] & m_ok[None, :], other=0.0)
+                if DOT_F32:
+                    part = tl.dot(w, xt.to(tl.float32), part, input_precision="ieee")
+                else:
+                    part = tl.dot(w.to(x_ptr.dtype.element_ty), xt, part)
+            else:
+                xv = _load(x_ptr + pid_m * stride_xm + ks, k_ok, 0.0, MASKED).to(tl.float32)
+                part += w * xv[None, :]
+                if LOW_MAGIC:
+                    x_sum += xv
+        if LOW_MAGIC:
+            part -= low_zero * x_sum[None, :]
+        if SCALES == SCALE_GROUP:
+            s = _load(s_ptr + group * stride_s + offs_n, n_ok, 0.0, MASKED)
+            part = part * s.to(tl.float32)[:, None]
+        acc += part
+
+    if USE_DOT:
+        out = acc
+    else:
+        out = tl.sum(acc, axis=1)[:, None]
+    if SCALES == SCALE_CHANNEL:
+        out = out * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    if SCALES == SCALE_TENSOR:
+        out = out * tl.load(s_ptr).to(tl.float32)
+
+    y_offs = offs_m[None, :] * stride_ym + offs_n[:, None]
+    y_mask = n_ok[:, None] & m_ok[None, :]
+    if SPLIT_K == 1:
+        tl.store(y_ptr + y_offs, out.to(y_ptr.dtype.element_ty), mask=y_mask)
+    else:
+        ws_offs = offs_m[None, :] * N + offs_n[:, None]
+        tl.atomic_add(ws_ptr + ws_offs, out, mask=y_mask, sem="relaxed")
+        tl.debug_barrier()  # every thread's partial is in before the tile's counter moves
+        arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            tl.debug_barrier()
+            # read the finished sum with an atomic (at L2, never a stale L1 line); every other
+            # split has arrived, so plain stores can then leave zeros for the next call
+            total = tl.atomic_add(ws_ptr + ws_offs, tl.zeros_like(out), mask=y_mask, sem="relaxed")
+            tl.store(y_ptr + y_offs, total.to(y_ptr.dtype.element_ty), mask=y_mask)
+            tl.store(ws_ptr + ws_offs, tl.zeros_like(out), mask=y_mask)
+            tl.atomic_xchg(lock_ptr + tile, 0)
