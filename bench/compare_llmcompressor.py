@@ -1,0 +1,262 @@
+"""Perplexity of the default model (SmolLM2-135M) quantized by qshard (RTN, GPTQ) and by
+llm-compressor's GPTQ, on the shipped held-out text, all evaluated by qshard's engine.
+
+Not part of the test suite; run by hand (it takes tens of minutes on a 2-core CPU):
+
+    python3 -m venv /tmp/llmc && /tmp/llmc/bin/pip install torch==2.13.0 \
+        && /tmp/llmc/bin/pip install llmcompressor==0.14.0.1 torch==2.13.0
+    QSHARD_CACHE=/tmp/qcache .venv/bin/python bench/compare_llmcompressor.py --llmc-python /tmp/llmc/bin/python
+
+llm-compressor pins transformers <= 5.17, hence its own venv: this script re-runs itself there
+(`llmc` sub-command) with the very same calibration samples (same tokenizer, same windows of
+the same shipped text) and the same settings (bits, group size, symmetric, 64 x 256 tokens,
+dampening 0.01, block size 128, lm_head left in float).
+
+Evaluation: `launch.cmd_eval_ppl.perplexity` (prompt logprobs through the engine, bf16
+activations on CPU) over the whole held-out text. 4-bit checkpoints are evaluated in their
+packed formats (ours: GPTQ; llm-compressor: compressed-tensors pack-quantized); qshard reads
+3-bit compressed-tensors from no one, so at 3 bits both tools' results are also evaluated as
+"fake-quant" float checkpoints (the dequantized weights), like for like.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from launch.texts import DEFAULT_CALIBRATION_TEXT, DEFAULT_HELDOUT_TEXT, calibration_samples, read_text  # noqa: E402
+
+SAMPLES, SEQLEN, GROUP = 64, 256, 64
+
+
+# -- the llm-compressor side (runs in its own venv) ---------------------------------------------
+
+
+def run_llmc(args) -> None:
+    import torch
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model_dir = Path(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer(read_text(DEFAULT_CALIBRATION_TEXT))["input_ids"]
+    samples = calibration_samples(ids, args.samples, args.seqlen)
+    dataset = Dataset.from_dict({"input_ids": samples, "attention_mask": [[1] * len(s) for s in samples]})
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    actorder = None if args.actorder in (None, "none") else args.actorder
+    weights = QuantizationArgs(num_bits=args.bits, type="int", symmetric=not args.asym, strategy="group",
+                               group_size=args.group_size, actorder=actorder)
+    # the modifier's own actorder defaults to "static": set it explicitly, None included
+    recipe = GPTQModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
+                          ignore=["lm_head"], dampening_frac=0.01, block_size=128, actorder=actorder)
+    began = time.perf_counter()
+    oneshot(model=model, dataset=dataset, recipe=recipe, max_seq_length=args.seqlen,
+            num_calibration_samples=len(samples))
+    seconds = time.perf_counter() - began
+
+    # The modules now hold the fake-quantized (dequantized) weights: save those as a float model.
+    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
+        names = list(f.keys())
+    state = model.state_dict()
+    fake = Path(args.out) / "fake-quant"
+    fake.mkdir(parents=True, exist_ok=True)
+    save_file({n: state[n].detach().float().contiguous() for n in names}, str(fake / "model.safetensors"),
+              metadata={"format": "pt"})
+    for f in model_dir.iterdir():
+        if f.suffix in (".json", ".jinja") and f.name != "model.safetensors.index.json":
+            shutil.copy(f, fake / f.name)
+    if args.bits in (2, 4, 8):
+        model.save_pretrained(Path(args.out) / "compressed", save_compressed=True)
+        tokenizer.save_pretrained(Path(args.out) / "compressed")
+    (Path(args.out) / "timing.json").write_text(json.dumps({"oneshot_seconds": seconds}))
+    print(f"llm-compressor oneshot {args.bits}-bit: {seconds:.1f}s")
+
+
+# -- the qshard side ----------------------------------------------------------------------------
+
+
+class FakeQuantPacker:
+    """Writes the dequantized weight as a plain float layer (no quantization_config): the
+    'fake-quant' checkpoint of a calibration result."""
+
+    method = "none"
+
+    def pack(self, prefix, result, dtype):
+        import torch
+
+        return {f"{prefix}.weight": result.dequantize().to(torch.float32)}
+
+    def quantization_config(self):
+        return {}
+
+    def extra_files(self):
+        return []
+
+
+def quantize_ours(model_dir: Path, out: Path, method: str, bits: int, sym: bool, actorder: str,
+                  fake_quant: bool) -> float:
+    """Calibrate + export (GPTQ format; and a fake-quant float copy at out-fake). Returns the wall
+    seconds of calibration + GPTQ export; reuses a finished earlier run."""
+    import torch
+
+    from engine.calibration import LlamaCalibrationTarget
+    from engine.llm import load_tokenizer
+    from launch.cmd_quantize import make_packer
+    from quant.calibrate import QuantArgs
+    from quant.calibrate.pipeline import calibrate
+    from quant.export import export_quantized
+
+    timing = out.with_name(out.name + ".seconds")
+    if timing.exists():
+        return float(timing.read_text())
+    began = time.perf_counter()
+    qargs = QuantArgs(bits=bits, group_size=GROUP, sym=sym, actorder=actorder)
+    samples = None
+    if method == "gptq":
+        ids = load_tokenizer(model_dir)(read_text(DEFAULT_CALIBRATION_TEXT))["input_ids"]
+        samples = calibration_samples(ids, SAMPLES, SEQLEN)
+    result = calibrate(LlamaCalibrationTarget(model_dir), samples, qargs, method, progress=True)
+    export_quantized(model_dir, out, make_packer("gptq", qargs, True, 0.01, ["lm_head"]),
+                     lambda prefix, w: result.results[prefix], progress=False)
+    seconds = time.perf_counter() - began
+    if fake_quant:
+        export_quantized(model_dir, out.with_name(out.name + "-fake"), FakeQuantPacker(),
+                         lambda prefix, w: result.results[prefix], dtype=torch.float32, progress=False)
+    timing.write_text(f"{seconds:.1f}")
+    return seconds
+
+
+def evaluate(model: Path, dtype: str, window: int, stride: int, cache: Path) -> tuple[float, float]:
+    """(perplexity, seconds), cached in `cache` (json) by model path, dtype and windows."""
+    from engine import LLM
+    from launch.cmd_eval_ppl import perplexity
+
+    key = f"{model}|{dtype}|{window}|{stride}"
+    done = json.loads(cache.read_text()) if cache.exists() else {}
+    if key in done:
+        return tuple(done[key])
+    with LLM(str(model), dtype=dtype, max_num_batched_tokens=4096, progress=False) as llm:
+        ids = llm.tokenizer(read_text(DEFAULT_HELDOUT_TEXT))["input_ids"]
+        r = perplexity(llm, ids, window, stride, str(model))
+    done[key] = (r.perplexity, r.seconds)
+    cache.write_text(json.dumps(done, indent=1))
+    return r.perplexity, r.seconds
+
+
+def run_llmc_subprocess(args, model_dir: Path, bits: int, actorder: str) -> tuple[Path, float]:
+    out = args.work / f"llmc{bits}-sym-{actorder}"
+    if not (out / "timing.json").exists():
+        subprocess.run([args.llmc_python, __file__, "llmc", "--model", str(model_dir), "--bits", str(bits),
+                        "--actorder", actorder, "--out", str(out)], check=True, env={**os.environ, "PYTHONPATH": ""})
+    return out, json.loads((out / "timing.json").read_text())["oneshot_seconds"]
+
+
+# (what, bits, sym, act order): the essential rows first, so that a partial run still compares
+PLAN = [("float", None, None, None), ("rtn", 4, True, "none"), ("gptq", 4, True, "none"), ("llmc", 4, True, "none"),
+        ("rtn", 3, True, "none"), ("gptq", 3, True, "none"), ("llmc", 3, True, "none"),
+        ("gptq", 4, False, "none"), ("gptq", 4, True, "weight"), ("gptq", 4, False, "weight"),
+        ("gptq", 3, False, "none"), ("float32", None, None, None), ("llmc", 4, True, "static"),
+        ("gptq", 4, True, "group")]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command")
+    llmc = sub.add_parser("llmc", help="(internal) llm-compressor's GPTQ, run in its venv")
+    llmc.add_argument("--model", required=True)
+    llmc.add_argument("--bits", type=int, required=True)
+    llmc.add_argument("--asym", action="store_true")
+    llmc.add_argument("--actorder", default="none", help="none, static, weight or group")
+    llmc.add_argument("--group-size", type=int, default=GROUP)
+    llmc.add_argument("--samples", type=int, default=SAMPLES)
+    llmc.add_argument("--seqlen", type=int, default=SEQLEN)
+    llmc.add_argument("--out", required=True)
+    p.add_argument("--llmc-python", default="/tmp/llmc/bin/python", help="python of the llm-compressor venv")
+    p.add_argument("--work", type=Path, default=Path("/tmp/qshard-bench-quant"), help="checkpoints go here")
+    p.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "quantization-ppl.md")
+    p.add_argument("--window", type=int, default=1024)
+    p.add_argument("--stride", type=int, default=1024)
+    p.add_argument("--rows", type=int, default=len(PLAN), help="run only the first N entries of the plan")
+    args = p.parse_args()
+    if args.command == "llmc":
+        run_llmc(args)
+        return 0
+
+    from engine.default_model import prepare_default
+
+    model_dir = prepare_default()
+    args.work.mkdir(parents=True, exist_ok=True)
+    cache = args.work / "evals.json"
+    rows: list[tuple[str, str, float | None, float, float]] = []  # name, evaluated as, quant s, ppl, eval s
+
+    def record(name, how, quant_seconds, path, dtype="bfloat16"):
+        ppl, eval_seconds = evaluate(path, dtype, args.window, args.stride, cache)
+        rows.append((name, how, quant_seconds, ppl, eval_seconds))
+        print(f"{name:<44} {how:<32} quant {quant_seconds or 0:7.1f}s  ppl {ppl:9.4f}  eval {eval_seconds:6.1f}s",
+              flush=True)
+        write_results(args, rows)
+
+    for what, bits, sym, actorder in PLAN[: args.rows]:
+        if what in ("float", "float32"):
+            record("float (SmolLM2-135M-Instruct)", f"dense {'float32' if what == 'float32' else 'bf16'}", None,
+                   model_dir, "float32" if what == "float32" else "bfloat16")
+        elif what == "llmc":
+            out, seconds = run_llmc_subprocess(args, model_dir, bits, actorder)
+            name = f"llm-compressor 0.14 GPTQ {bits}-bit g{GROUP} sym act-order {actorder}"
+            if (out / "compressed").exists():
+                record(name, "compressed-tensors packed, bf16", seconds, out / "compressed")
+            if bits == 3:
+                record(name, "fake-quant float, bf16", seconds, out / "fake-quant")
+        else:
+            name = f"qshard {what.upper()} {bits}-bit g{GROUP} {'sym' if sym else 'asym'}" + \
+                   (f" act-order {actorder}" if what == "gptq" else "")
+            out = args.work / f"{what}{bits}-{'sym' if sym else 'asym'}-{actorder}"
+            fake = bits == 3 and sym
+            seconds = quantize_ours(model_dir, out, what, bits, sym, actorder, fake)
+            record(name, f"gptq {'v1' if sym else 'v2'} packed, bf16", seconds, out)
+            if fake:
+                record(name, "fake-quant float, bf16", seconds, out.with_name(out.name + "-fake"))
+    return 0
+
+
+def write_results(args, rows) -> None:
+    import torch
+
+    lines = [
+        "# Perplexity of quantized SmolLM2-135M-Instruct (qshard vs llm-compressor)", "",
+        f"Date: {datetime.date.today()}. Machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU, "
+        f"torch {torch.__version__}; shared with other engineers' runs (timings are busy-machine timings).", "",
+        f"Calibration: {SAMPLES} samples x {SEQLEN} tokens, evenly spaced windows of the shipped "
+        f"`launch/data/{DEFAULT_CALIBRATION_TEXT.name}`, identical for both tools; dampening 0.01, "
+        f"block size 128, lm_head in float; qshard GPTQ is true-sequential within a block.",
+        f"Held-out: `launch/data/{DEFAULT_HELDOUT_TEXT.name}`, windows of {args.window} tokens every {args.stride} "
+        f"(`qshard eval-ppl` code, engine prompt logprobs). quant s = calibration + export wall time "
+        f"(llm-compressor: its oneshot only).", "",
+        "| model | evaluated as | quant s | perplexity | eval s |", "|---|---|---:|---:|---:|"]
+    for name, how, quant_seconds, ppl, eval_seconds in rows:
+        q = "" if quant_seconds is None else f"{quant_seconds:.0f}"
+        lines.append(f"| {name} | {how} | {q} | {ppl:.3f} | {eval_seconds:.0f} |")
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.results}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Ways to run qshard: the CLI, torchrun, Ray actors and jobs, benchmarks."""

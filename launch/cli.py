@@ -1,0 +1,59 @@
+"""`qshard` command line. Each subcommand lives in its own module with add_arguments / run."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# subcommand -> (module, help); `bench` has its own sub-subcommands
+COMMANDS = {
+    "prepare-default": ("launch.cmd_prepare", "convert the embedded default model (SmolLM2-135M) once"),
+    "generate": ("launch.cmd_generate", "generate text from prompts"),
+    "quantize": ("launch.cmd_quantize", "quantize a float checkpoint with GPTQ or RTN (GPTQ / compressed-tensors out)"),
+    "eval-ppl": ("launch.cmd_eval_ppl", "perplexity of models on a text (stride windows, engine prompt logprobs)"),
+}
+BENCH = {
+    "kernels": ("launch.bench_kernels", "quantized matmul kernels vs dense baselines"),
+    "throughput": ("launch.bench_throughput", "tokens/s across tensor-parallel sizes and executors, vs HF transformers"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qshard", description="tensor-parallel, quantization-native LLM inference")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        p.set_defaults(_module=module)
+        _add(p, module)
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    for name, (module, help_text) in BENCH.items():
+        p = bench.add_parser(name, help=help_text)
+        p.set_defaults(_module=module)
+        _add(p, module)
+    return parser
+
+
+def _add(p: argparse.ArgumentParser, module: str) -> None:
+    try:
+        importlib.import_module(module).add_arguments(p)
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
+        p.set_defaults(_missing=module)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if getattr(args, "_missing", None):
+        print(f"qshard: {args._missing} is not available in this build", file=sys.stderr)
+        return 2
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""`qshard generate`: generate from prompts and report throughput."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from engine import LLM, SamplingParams
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="HF model directory, or 'default' (SmolLM2-135M-Instruct)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    p.add_argument("--executor", default="auto", help="auto, uni, mp, ray or external (torchrun)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
+    p.add_argument("--chat", action="store_true", help="apply the model's chat template to each prompt")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+
+
+def llm_from_args(args) -> LLM:
+    return LLM(args.model, tensor_parallel_size=args.tp, executor=args.executor, dtype=args.dtype,
+               device=args.device, max_num_seqs=args.max_num_seqs, seed=args.seed)
+
+
+def run(args) -> int:
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed if args.temperature > 0 else None)
+    with llm_from_args(args) as llm:
+        start = time.perf_counter()
+        if args.chat:
+            outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params)
+        else:
+            outputs = llm.generate(args.prompt, params)
+        elapsed = time.perf_counter() - start
+        if getattr(llm.executor, "is_follower", False):
+            return 0
+        tokens = sum(len(o.token_ids) for o in outputs)
+        for prompt, out in zip(args.prompt, outputs):
+            print(f"### prompt: {prompt}\n{out.text}\n")
+        print(f"tp={args.tp} executor={llm.executor_name} dtype={str(llm.config.dtype).replace('torch.', '')} "
+              f"tokens={tokens} time={elapsed:.2f}s throughput={tokens / elapsed:.1f} tokens/s")
+    return 0

@@ -1,0 +1,147 @@
+"""`qshard quantize`: GPTQ or RTN over a float checkpoint, written as GPTQ or compressed-tensors.
+
+    qshard quantize --model M --method gptq --bits 4 --group-size 64 --sym --act-order none \
+        --calib FILE --samples 64 --seqlen 256 --format gptq -o OUT
+
+Calibration runs block by block on qshard's own model (engine.calibration); the checkpoint is
+written by quant.export with the format's Packer. Ends with the per-layer loss table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from launch.texts import DEFAULT_CALIBRATION_TEXT, calibration_samples, read_text
+from quant.calibrate.args import ACTORDERS, SUPPORTED_BITS, QuantArgs
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("gptq", "compressed-tensors")
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="float HF model directory, or 'default' (SmolLM2-135M-Instruct)")
+    p.add_argument("--method", choices=("gptq", "rtn"), default="gptq")
+    p.add_argument("--bits", type=int, default=4, help=f"bits per weight: {', '.join(map(str, SUPPORTED_BITS))}")
+    p.add_argument("--group-size", type=int, default=128,
+                   help="input columns per scale/zero group (must divide every layer's in-features; -1: per channel)")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric (default)")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric (zero points; GPTQ writes gptq_v2)")
+    p.add_argument("--act-order", choices=ACTORDERS, default="none",
+                   help="GPTQ column order: none; group (permuted groups, g_idx); weight/static (act order, "
+                        "groups in column order)")
+    p.add_argument("--calib", type=Path, default=None,
+                   help=f"calibration text file (default: the shipped {DEFAULT_CALIBRATION_TEXT.name})")
+    p.add_argument("--samples", type=int, default=64, help="calibration samples (default 64)")
+    p.add_argument("--seqlen", type=int, default=256, help="tokens per calibration sample (default 256)")
+    p.add_argument("--format", choices=FORMATS, default="gptq", help="checkpoint format written")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output model directory")
+    p.add_argument("--skip", action="append", default=[],
+                   help="leave layers whose name contains this in float (repeatable; lm_head always is)")
+    p.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean diag(H) (0.01)")
+    p.add_argument("--blocksize", type=int, default=128, help="GPTQ lazy-update block size (128)")
+    p.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
+                   help="calibrate all modules of a block on its float forward (llm-compressor's way) instead of "
+                        "one after another on the already-quantized ones")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration samples per forward batch")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--scale-dtype", choices=tuple(_DTYPES), default="float16",
+                   help="dtype of scales and of the layers left in float (float16, as GPTQ checkpoints)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def run(args) -> int:
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
+        print(f"qshard quantize: error: {e}", file=sys.stderr)
+        return 2
+
+
+def make_packer(fmt: str, args: QuantArgs, true_sequential: bool, damp: float, ignore: list[str]):
+    """The format's writer: GPTQ v1 when symmetric (what every engine reads), gptq_v2 when
+    asymmetric (true zero points, so zero = 0 is representable); compressed-tensors pack-quantized."""
+    if fmt == "gptq":
+        from quant.gptq import GPTQPacker
+
+        return GPTQPacker(bits=args.bits, group_size=args.group_size, sym=args.sym,
+                          checkpoint_format="gptq" if args.sym else "gptq_v2", damp_percent=damp,
+                          true_sequential=true_sequential)
+    from quant.compressed_tensors import CompressedTensorsPacker
+
+    return CompressedTensorsPacker(args, ignore=ignore)
+
+
+def check_group_size(cfg, args: QuantArgs) -> None:
+    """Every decoder linear's in-features must be divisible by the group size (error names the
+    largest that would work), checked before any weight is read."""
+    for what, k in (("hidden_size", cfg.hidden_size), ("intermediate_size", cfg.intermediate_size),
+                    ("num_attention_heads * head_dim", cfg.num_attention_heads * cfg.head_dim)):
+        try:
+            args.columns_per_group(k)
+        except ValueError as e:
+            raise ValueError(f"--group-size {args.group_size}: {e} ({what} of this model)") from None
+
+
+def _run(args) -> int:
+    from engine.calibration import LlamaCalibrationTarget
+    from engine.config import ModelConfig
+    from engine.llm import load_tokenizer, resolve_model_path
+    from quant.calibrate.pipeline import calibrate
+    from quant.export import check_not_quantized, export_quantized
+
+    began = time.perf_counter()
+    qargs = QuantArgs(bits=args.bits, group_size=args.group_size, sym=args.sym, actorder=args.act_order)
+    model_dir = resolve_model_path(args.model)
+    cfg = ModelConfig.from_dir(model_dir)
+    check_not_quantized(model_dir)
+    check_group_size(cfg, qargs)
+    if args.samples < 1 or args.seqlen < 2:
+        raise ValueError(f"--samples must be >= 1 and --seqlen >= 2 (got {args.samples}, {args.seqlen})")
+    ignore = ["lm_head"] + [s for s in args.skip if s != "lm_head"]
+    packer = make_packer(args.format, qargs, args.true_sequential, args.damp,
+                         ["lm_head"] + [f"re:.*{s.replace('.', '[.]')}.*" for s in ignore[1:]])
+    if Path(args.output).resolve() == Path(model_dir).resolve():
+        raise ValueError(f"--output {args.output} is the input model directory; choose another")
+
+    samples = None
+    if args.method == "gptq":
+        calib_path = args.calib or DEFAULT_CALIBRATION_TEXT
+        tokenizer = load_tokenizer(Path(model_dir))
+        if tokenizer is None:
+            raise ValueError(f"{model_dir} has no tokenizer to cut the calibration text into tokens")
+        ids = tokenizer(read_text(calib_path, "calibration text"))["input_ids"]
+        samples = calibration_samples(ids, args.samples, args.seqlen)
+        logger.info("calibration: %d samples x %d tokens from %s (%d tokens)", len(samples), args.seqlen,
+                    calib_path, len(ids))
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    target = LlamaCalibrationTarget(model_dir, device=device, batch_size=args.batch_size)
+    result = calibrate(target, samples, qargs, args.method, skip=ignore[1:], true_sequential=args.true_sequential,
+                       blocksize=args.blocksize, percdamp=args.damp, progress=args.progress)
+    del target
+
+    def quantized(prefix: str, weight: torch.Tensor):
+        r = result.results[prefix]
+        if tuple(r.codes.shape) != tuple(weight.shape):
+            raise ValueError(f"{prefix}: calibrated shape {tuple(r.codes.shape)} != checkpoint {tuple(weight.shape)}")
+        return r
+
+    export_quantized(model_dir, args.output, packer, quantized, skip=ignore, dtype=_DTYPES[args.scale_dtype],
+                     progress=args.progress)
+    print(result.loss_table())
+    if result.skipped:
+        print(f"left in float: {', '.join(result.skipped)}")
+    fmt = args.format + (f" ({'gptq' if qargs.sym else 'gptq_v2'})" if args.format == "gptq" else " (pack-quantized)")
+    print(f"{args.method} {qargs.bits}-bit group {qargs.group_size} {'sym' if qargs.sym else 'asym'} "
+          f"act-order {qargs.actorder} -> {args.output} [{fmt}]; calibration {result.seconds:.1f}s, "
+          f"total {time.perf_counter() - began:.1f}s")
+    return 0
