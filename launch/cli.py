@@ -12,6 +12,7 @@ COMMANDS = {
     "prepare-default": ("launch.cmd_prepare", "convert the embedded default model (SmolLM2-135M) once"),
     "generate": ("launch.cmd_generate", "generate text from prompts"),
     "quantize": ("launch.cmd_quantize", "quantize a float checkpoint with GPTQ or RTN (GPTQ / compressed-tensors out)"),
+    "write-random": ("launch.cmd_write_random", "write a random-weight checkpoint of a named shape (benchmarks)"),
     "eval-ppl": ("launch.cmd_eval_ppl", "perplexity of models on a text (stride windows, engine prompt logprobs)"),
 }
 BENCH = {

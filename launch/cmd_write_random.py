@@ -1,0 +1,93 @@
+"""`qshard write-random`: a random-weight checkpoint of a named shape, written as real safetensors.
+
+    qshard write-random --shape llama-2-7b --quant gptq-w4g128 -o /tmp/llama-2-7b-gptq
+
+For throughput and memory benchmarks that must read a real checkpoint from disk (`--shape` in
+`qshard bench throughput` makes the weights in place instead). The tensors are those of
+`engine.dummy.DummyWeights` (valid packed codes, small scales), written one at a time into files of
+at most --shard-gb with a `model.safetensors.index.json`, so memory stays at one tensor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from engine.dummy import QUANTS, SHAPES
+
+    p.add_argument("--shape", required=True, help=f"model shape: {', '.join(SHAPES)}")
+    p.add_argument("--quant", default="none", help=f"quantization: {', '.join(QUANTS)}")
+    p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"),
+                   help="dtype of float tensors (embeddings, norms, scales)")
+    p.add_argument("--layers", type=int, default=None, help="override the number of decoder layers")
+    p.add_argument("--shard-gb", type=float, default=4.0, help="largest safetensors file, GB (default 4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", type=Path, required=True, help="output model directory")
+
+
+def write_random(shape: str, quant: str, out_dir: Path, dtype: str = "float16", layers: int | None = None,
+                 shard_bytes: int = 4 << 30, seed: int = 0, progress: bool = True) -> int:
+    """Write the checkpoint; returns its tensor bytes."""
+    import torch
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    from engine.config import ModelConfig
+    from engine.dummy import DummyWeights, write_config
+
+    out_dir = Path(out_dir)
+    write_config(shape, quant, out_dir)
+    config_path = out_dir / "config.json"
+    raw = json.loads(config_path.read_text())
+    raw.pop("qshard_dummy", None)  # a real checkpoint on disk, not a dummy one
+    raw["torch_dtype"] = dtype
+    if layers is not None:
+        raw["num_hidden_layers"] = layers
+    config_path.write_text(json.dumps(raw, indent=2))
+    source = DummyWeights(ModelConfig.from_dir(out_dir), dtype=getattr(torch, dtype), seed=seed)
+
+    names = source.names()
+    current: dict[str, torch.Tensor] = {}
+    current_bytes = total = 0
+    file_names: list[str] = []
+    weight_map: dict[str, str] = {}
+
+    def flush() -> None:
+        name = f"part-{len(file_names) + 1:05d}.safetensors"
+        save_file(current, str(out_dir / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(current, name))
+        file_names.append(name)
+        current.clear()
+
+    for name in tqdm(names, desc="writing tensors", unit="tensor", disable=not progress):
+        tensor = source.read(name).contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and current_bytes + nbytes > shard_bytes:
+            flush()
+            current_bytes = 0
+        current[name] = tensor
+        current_bytes += nbytes
+        total += nbytes
+    flush()
+    # HF's naming, which needs the file count known
+    count = len(file_names)
+    final = {old: f"model-{i:05d}-of-{count:05d}.safetensors" for i, old in enumerate(file_names, 1)}
+    for old, new in final.items():
+        (out_dir / old).rename(out_dir / new)
+    index = {"metadata": {"total_size": total}, "weight_map": {n: final[f] for n, f in weight_map.items()}}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    logger.info("wrote %s (%s, %s): %d tensors, %.2f GB in %d files", out_dir, shape, quant, len(names),
+                total / 1e9, count)
+    return total
+
+
+def run(args) -> int:
+    write_random(args.shape, args.quant, args.output, args.dtype, args.layers, int(args.shard_gb * (1 << 30)),
+                 args.seed)
+    return 0
