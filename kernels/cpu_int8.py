@@ -53,6 +53,10 @@ class CpuInt8Weight(PreparedWeight):
             if layout.qzeros is not None:
                 z = unpack_int32(layout.qzeros, 8, 1, count=N)[group].float()
                 offset = (128 - z) * scales  # float32: it cancels against y
+        if weight.data_ptr() % 64 or not weight.is_contiguous():
+            # torch 2.13's op segfaults on int8 weights not 64-byte aligned (a safetensors read can
+            # start anywhere); torch's CPU allocator aligns fresh tensors
+            weight = weight.contiguous().clone()
         self.register_buffer("weight", weight, persistent=False)
         self.register_buffer("scales", scales.to(act_dtype), persistent=False)
         self.register_buffer("offset", offset, persistent=False)

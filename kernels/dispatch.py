@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from kernels import cpu_int4, cpu_int8
+from kernels import act_quant, cpu_int4, cpu_int8
 from kernels.layouts import AWQLayout, FP8Layout, GPTQLayout, Int8Layout
 from kernels.prepared import DequantizedWeight, PreparedWeight
 
@@ -55,6 +55,9 @@ def prepare(layout, act_dtype: torch.dtype, backend: str = "auto", keep_layout: 
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    a8 = act_quant.plan(layout) if act_quant.wants_dynamic(layout) and backend == "auto" else None
+    if a8 and a8[0] == "native":
+        return act_quant.NativeW8A8Weight(layout, act_dtype)
     if backend == "auto":
         backend, why = choose_backend(layout, act_dtype)
         log.debug("%s %dx%d %s -> %s (%s)", type(layout).__name__, layout.out_features, layout.in_features,
@@ -71,6 +74,8 @@ def prepare(layout, act_dtype: torch.dtype, backend: str = "auto", keep_layout: 
         prepared = DequantizedWeight(layout, act_dtype)
     if not keep_layout and prepared.backend != "dequant":
         prepared.layout = None
+    if a8:  # W8A8 without a native op (CPU, old GPUs): 16-bit activations
+        act_quant.log_once(a8[1])
     return prepared
 
 

@@ -7,6 +7,8 @@ Dequantization, for each layout (k: input feature, n: output feature):
 - AWQLayout:   the same formula; qweight [K, N] is packed along N in AWQ_ORDER, no g_idx.
 - Int8Layout:  w[n, k] = q[n, k] * s[n]         (int8 codes, per-output-channel scales)
 - FP8Layout:   w[n, k] = float(q[n, k]) * s[n]  (float8_e4m3fn, per-tensor (s is 0-d) or per-channel)
+Int8Layout / FP8Layout with `dynamic_act` are W8A8: activations are quantized per token to the
+weight's type at run time (kernels.act_quant); the weight formula is unchanged.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class AWQLayout:
 class Int8Layout:
     weight: torch.Tensor  # int8 [N, K]
     scales: torch.Tensor  # float32 [N]
+    dynamic_act: bool = False  # W8A8: int8 activations, per-token scales (kernels.act_quant)
 
     def __post_init__(self):
         if self.weight.dtype != torch.int8 or self.weight.dim() != 2:
@@ -88,6 +91,8 @@ class Int8Layout:
 class FP8Layout:
     weight: torch.Tensor  # float8_e4m3fn [N, K]
     scales: torch.Tensor  # float32, 0-d (per tensor) or [N] (per channel)
+    dynamic_act: bool = False  # W8A8: FP8 activations, per-token scales (kernels.act_quant)
+    act_scale_ub: float | None = None  # cap on a token's activation amax (FBGEMM's activation_scale_ub)
 
     def __post_init__(self):
         if self.weight.dtype != torch.float8_e4m3fn or self.weight.dim() != 2:

@@ -83,9 +83,7 @@ class CompressedTensorsLoader(WeightsLoader):
             if scheme.format not in FORMATS:
                 raise QuantConfigError(
                     f"compressed-tensors format {scheme.format!r} (config_groups.{scheme.name}) is not supported; "
-                    f"supported now: {', '.join(sorted(FORMATS))} (int weights of {'/'.join(map(str, PACKED_BITS))} "
-                    f"bits, strategy group/channel/tensor, weight-only). float-quantized (FP8) and "
-                    f"int-quantized (int8) checkpoints are planned as their own modules")
+                    f"supported now: {', '.join(FORMATS)}")
             FORMATS[scheme.format].check_scheme(scheme)
         return cls(parsed)
 
@@ -116,7 +114,7 @@ def _describe(scheme: Scheme) -> str:
     if w is None:
         return "no weights"
     size = f" {w.group_size}" if w.strategy == "group" else ""
-    return (f"W{w.num_bits}A16 {w.strategy}{size} {'sym' if w.symmetric else 'asym'}"
+    return (f"W{w.num_bits}A{8 if scheme.input_activations else 16} {w.strategy}{size} {'sym' if w.symmetric else 'asym'}"
             + (" act-order" if w.has_g_idx else ""))
 
 

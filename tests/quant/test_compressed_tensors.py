@@ -384,7 +384,7 @@ def ct_config(**weights) -> dict:
     return config
 
 
-@pytest.mark.parametrize("fmt", ["float-quantized", "int-quantized", "naive-quantized", "marlin-24", "dense"])
+@pytest.mark.parametrize("fmt", ["naive-quantized", "marlin-24", "dense"])
 def test_unsupported_formats_are_refused_listing_what_is(fmt):
     config = ct_config()
     config["format"] = config["config_groups"]["group_0"]["format"] = fmt
