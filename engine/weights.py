@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Sequence
@@ -22,6 +23,7 @@ from parallel.sharding import Axis, Role, ShardingError, column_shard, read_shar
 
 logger = logging.getLogger(__name__)
 
+RELEASE_BYTES = 8 << 20  # see Weights._release_map
 _KEEP_DTYPES = {torch.float8_e4m3fn, torch.float8_e5m2}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -42,6 +44,7 @@ class Weights:
         self.bytes_read = 0
         self._files = self._find_files(files)
         self._handles = {}
+        self._read_since_open: dict[Path, int] = {}
         self._where: dict[str, Path] = {}
         for path in self._files:
             handle = self._open(path)
@@ -119,7 +122,24 @@ class Weights:
         except KeyError:
             raise CheckpointError(f"tensor {name} is missing from the checkpoint "
                                   f"({', '.join(p.name for p in self._files)})") from None
-        return self._handles[path].get_slice(name)
+        return self._handle(path).get_slice(name)
+
+    def _release_map(self, path: Path, nbytes: int) -> None:
+        """Pages read through a handle's memory map stay in this process's resident set until the
+        map goes: drop the handle (reopened lazily) every RELEASE_BYTES read through it, so that a
+        rank's RSS grows by the tensors it keeps, not by every page of the checkpoint it touched.
+        Not after every read: reopening parses the header again (~17 ms for 900 tensors)."""
+        self._read_since_open[path] = self._read_since_open.get(path, 0) + nbytes
+        if self._read_since_open[path] >= RELEASE_BYTES:
+            self._handles[path] = None
+            self._read_since_open[path] = 0
+
+    def _handle(self, path: Path):
+        """The file's safetensors handle, reopened if `read` released it."""
+        handle = self._handles.get(path)
+        if handle is None:
+            handle = self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
+        return handle
 
     def get_shape(self, name: str) -> list[int]:
         return list(self._slice(name).get_shape())
@@ -132,14 +152,22 @@ class Weights:
         s = self._slice(name)
         try:
             if not s.get_shape():  # 0-d tensors (per-tensor scales) take no slice
-                t = self._handles[self._where[name]].get_tensor(name)
+                t = self._handle(self._where[name]).get_tensor(name)
             else:
                 t = s[index] if index else s[:]
         except Exception as e:  # safetensors raises plain errors for bad slices / bad bytes
             raise CheckpointError(f"could not read tensor {name}{list(index) if index else ''}: {e}") from None
         self.bytes_read += t.numel() * t.element_size()
+        touched = t.numel() * t.element_size()
+        if index is not None and t.dim() > 1 and any(i != slice(None) for i in index[1:]):
+            touched = t.shape[0] * math.prod(s.get_shape()[1:]) * t.element_size()  # whole rows' pages
+        mapped = t  # a view of the file's memory map
         if t.is_floating_point() and t.dtype not in _KEEP_DTYPES:
             t = t.to(self.dtype)
+        if self.device.type == "cpu" and t.data_ptr() == mapped.data_ptr():
+            t = t.clone()  # own memory: a kept tensor must not pin the map (see _release_map)
+        del mapped
+        self._release_map(self._where[name], touched)
         return t.to(self.device)
 
     # -- convenience reads (TGI-style names) --------------------------------------------------

@@ -23,6 +23,7 @@ from engine.step import StepInput, StepOutput
 from engine.weights import Weights
 from parallel.state import ParallelContext
 from quant import get_loader
+from quant.base import layouts_dropped
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +42,10 @@ class Worker:
                               world_size=ctx.world_size)
         loader = get_loader(self.model_config.quantization_config)
         cls = model_class(self.model_config.model_type)
+        # layouts_dropped: repacking backends keep one copy of the rank's weights (quant.base)
         with tqdm(total=self.model_config.num_hidden_layers, desc=f"loading rank {ctx.rank}",
-                  disable=not config.progress or ctx.rank != 0, unit="layer") as bar, torch.inference_mode():
+                  disable=not config.progress or ctx.rank != 0, unit="layer") as bar, torch.inference_mode(), \
+                layouts_dropped():
             self.model = cls(self.model_config, weights, loader, ctx, config.dtype, ctx.device, progress=bar)
         self.model.eval()
         self.weight_bytes_read = weights.bytes_read

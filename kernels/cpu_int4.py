@@ -20,6 +20,10 @@ from kernels.layouts import AWQLayout, GPTQLayout
 from kernels.packing import AWQ_ORDER, unpack_int32
 from kernels.prepared import PreparedWeight
 
+# Output rows converted at a time: the op packs rows independently in runs of 64, so chunks of
+# 256 rows concatenate to the whole tensor's conversion bit for bit (checked on torch 2.13).
+CHUNK_N = 256
+
 
 def unsupported_reason(layout, act_dtype: torch.dtype) -> str | None:
     """Why this backend cannot run `layout` (None: it can)."""
@@ -55,14 +59,18 @@ class CpuInt4Weight(PreparedWeight):
         perm = None
         if isinstance(layout, GPTQLayout):
             plan = plan_groups(layout)
-            codes = unpack_int32(layout.qweight, layout.bits, 0, count=K)  # [K, N]
-            if plan.perm is not None:
-                perm = plan.perm
-                codes = codes[perm]
+            perm = plan.perm  # act order: rows sorted by group
+
+            def codes_of(n0: int, n1: int) -> torch.Tensor:  # [K, n1 - n0]
+                codes = unpack_int32(layout.qweight[:, n0:n1], layout.bits, 0, count=K)
+                return codes if perm is None else codes[perm]
+
             ids, bits = plan.group_ids, layout.bits
             zeros = None if layout.qzeros is None else unpack_int32(layout.qzeros, bits, 1, count=N)
         else:
-            codes = unpack_int32(layout.qweight, 4, 1, count=N, order=AWQ_ORDER)
+            def codes_of(n0: int, n1: int) -> torch.Tensor:  # N % 16 == 0: chunks are whole words
+                return unpack_int32(layout.qweight[:, n0 // 8: n1 // 8], 4, 1, count=n1 - n0, order=AWQ_ORDER)
+
             ids, bits = _awq_group_ids(layout), 4
             zeros = unpack_int32(layout.qzeros, 4, 1, count=N, order=AWQ_ORDER)
         self.block = aligned_block(ids)
@@ -70,14 +78,21 @@ class CpuInt4Weight(PreparedWeight):
         s = layout.scales.float()[block_groups]  # [K / block, N]
         z = torch.full_like(s, 2.0 ** (bits - 1)) if zeros is None else zeros.float()[block_groups]
         if bits == 8:
-            codes = torch.cat([codes >> 4, codes & 15])  # high nibbles' rows, then low nibbles'
             scale = torch.cat([16 * s, s])
             offset = torch.cat([(136 - z) * s, torch.zeros_like(s)])
         else:
             scale, offset = s, (8 - z) * s
         self.split_bytes = bits == 8
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-            codes.T.contiguous().to(torch.int32), 1), persistent=False)
+        # Unpacked codes take 4-8 bytes each: convert CHUNK_N output rows at a time so that loading
+        # peaks at the packed weight plus one chunk's temporaries, not ~20x the packed weight.
+        packed = []
+        for n0 in range(0, N, CHUNK_N):
+            codes = codes_of(n0, min(N, n0 + CHUNK_N))
+            if bits == 8:
+                codes = torch.cat([codes >> 4, codes & 15])  # high nibbles' rows, then low nibbles'
+            packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.T.contiguous().to(torch.int32), 1))
+            del codes
+        self.register_buffer("packed", packed[0] if len(packed) == 1 else torch.cat(packed), persistent=False)
         self.register_buffer("scale_and_offset", torch.stack([scale, offset], -1).to(act_dtype).contiguous(),
                              persistent=False)
         self.register_buffer("perm", perm, persistent=False)

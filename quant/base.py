@@ -10,6 +10,8 @@ loader with `@register`.
 from __future__ import annotations
 
 import abc
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, ClassVar
 
 import torch
@@ -46,6 +48,22 @@ class PackedLinear(nn.Module, abc.ABC):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
+# Whether a KernelLinear keeps its canonical layout beside the backend's repacked form (so that
+# dequantize() works on every backend: tests). The engine loads under `layouts_dropped()`: a
+# repacking backend (cpu-int4/int8) then holds the rank's weights once, not twice, and the layout's
+# tensors (views of the checkpoint's memory map) stop counting in the rank's resident set.
+_KEEP_LAYOUT: ContextVar[bool] = ContextVar("qshard_keep_layout", default=True)
+
+
+@contextmanager
+def layouts_dropped():
+    token = _KEEP_LAYOUT.set(False)
+    try:
+        yield
+    finally:
+        _KEEP_LAYOUT.reset(token)
+
+
 class KernelLinear(PackedLinear):
     """A PackedLinear over one of the kernels' canonical layouts: `kernels.prepare` once at load
     (repacking for the device's fastest backend), `kernels.linear` per call."""
@@ -53,7 +71,7 @@ class KernelLinear(PackedLinear):
     def __init__(self, layout, act_dtype: torch.dtype):
         super().__init__(layout.in_features, layout.out_features)
         self.layout_name = type(layout).__name__
-        self.prepared = kernels.prepare(layout, act_dtype)
+        self.prepared = kernels.prepare(layout, act_dtype, keep_layout=_KEEP_LAYOUT.get())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.linear(x, self.prepared)
