@@ -1,10 +1,10 @@
 """Perplexity of the default model (SmolLM2-135M) quantized by qshard (RTN, GPTQ) and by
 llm-compressor's GPTQ, on the shipped held-out text, all evaluated by qshard's engine.
 
-Not part of the test suite; run by hand (it takes tens of minutes on a 2-core CPU):
+Not part of the test suite; run by hand (it takes tens of minutes on a 2-core CPU; on a shared
+machine set OMP_NUM_THREADS=1, measured ~3x faster there):
 
-    python3 -m venv /tmp/llmc && /tmp/llmc/bin/pip install torch==2.13.0 \
-        && /tmp/llmc/bin/pip install llmcompressor==0.14.0.1 torch==2.13.0
+    python3 -m venv /tmp/llmc && /tmp/llmc/bin/pip install torch==2.13.0 'llmcompressor==0.14.*' 'transformers<=5.17'
     QSHARD_CACHE=/tmp/qcache .venv/bin/python bench/compare_llmcompressor.py --llmc-python /tmp/llmc/bin/python
 
 llm-compressor pins transformers <= 5.17, hence its own venv: this script re-runs itself there
@@ -160,11 +160,12 @@ def evaluate(model: Path, dtype: str, window: int, stride: int, cache: Path) -> 
     return r.perplexity, r.seconds
 
 
-def run_llmc_subprocess(args, model_dir: Path, bits: int, actorder: str) -> tuple[Path, float]:
-    out = args.work / f"llmc{bits}-sym-{actorder}"
+def run_llmc_subprocess(args, model_dir: Path, bits: int, sym: bool, actorder: str) -> tuple[Path, float]:
+    out = args.work / f"llmc{bits}-{'sym' if sym else 'asym'}-{actorder}"
     if not (out / "timing.json").exists():
         subprocess.run([args.llmc_python, __file__, "llmc", "--model", str(model_dir), "--bits", str(bits),
-                        "--actorder", actorder, "--out", str(out)], check=True, env={**os.environ, "PYTHONPATH": ""})
+                        "--actorder", actorder, "--out", str(out)] + ([] if sym else ["--asym"]),
+                       check=True, env={**os.environ, "PYTHONPATH": ""})
     return out, json.loads((out / "timing.json").read_text())["oneshot_seconds"]
 
 
@@ -172,7 +173,8 @@ def run_llmc_subprocess(args, model_dir: Path, bits: int, actorder: str) -> tupl
 PLAN = [("float", None, None, None), ("rtn", 4, True, "none"), ("gptq", 4, True, "none"), ("llmc", 4, True, "none"),
         ("rtn", 3, True, "none"), ("gptq", 3, True, "none"), ("llmc", 3, True, "none"),
         ("gptq", 4, False, "none"), ("gptq", 4, True, "weight"), ("gptq", 4, False, "weight"),
-        ("gptq", 3, False, "none"), ("float32", None, None, None), ("llmc", 4, True, "static"),
+        ("gptq", 3, False, "none"), ("llmc", 4, False, "none"), ("float32", None, None, None),
+        ("llmc", 4, True, "static"),
         ("gptq", 4, True, "group")]
 
 
@@ -218,8 +220,8 @@ def main() -> int:
             record("float (SmolLM2-135M-Instruct)", f"dense {'float32' if what == 'float32' else 'bf16'}", None,
                    model_dir, "float32" if what == "float32" else "bfloat16")
         elif what == "llmc":
-            out, seconds = run_llmc_subprocess(args, model_dir, bits, actorder)
-            name = f"llm-compressor 0.14 GPTQ {bits}-bit g{GROUP} sym act-order {actorder}"
+            out, seconds = run_llmc_subprocess(args, model_dir, bits, sym, actorder)
+            name = f"llm-compressor 0.14 GPTQ {bits}-bit g{GROUP} {'sym' if sym else 'asym'} act-order {actorder}"
             if (out / "compressed").exists():
                 record(name, "compressed-tensors packed, bf16", seconds, out / "compressed")
             if bits == 3:
