@@ -59,37 +59,11 @@ def model_config(shape: str, layers: int) -> dict:
 def write_checkpoint(out_dir: Path, config: dict, max_file_bytes: int = 256 * MB) -> int:
     """config.json + safetensors files (with an index) of random valid tensors; returns the bytes
     of tensor data written."""
-    import torch
-    from safetensors.torch import save_file
-
-    from engine.config import ModelConfig
-    from engine.dummy import DummyWeights
+    from launch.cmd_write_random import write_tensors
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    source = DummyWeights(ModelConfig.from_dir(out_dir), dtype=torch.float16)
-    batch: dict[str, torch.Tensor] = {}
-    batch_bytes, total, weight_map = 0, 0, {}
-
-    def flush():
-        name = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
-        save_file(batch, str(out_dir / name), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(batch, name))
-        batch.clear()
-
-    for name in source.names():
-        t = source.read(name).contiguous()
-        size = t.numel() * t.element_size()
-        if batch and batch_bytes + size > max_file_bytes:
-            flush()
-            batch_bytes = 0
-        batch[name] = t
-        batch_bytes += size
-        total += size
-    flush()
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return total
+    return write_tensors(out_dir, "float16", max_file_bytes, progress=False)
 
 
 def measure(model_dir: Path, tp: int, dtype: str) -> list[dict]:

@@ -33,13 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def write_random(shape: str, quant: str, out_dir: Path, dtype: str = "float16", layers: int | None = None,
                  shard_bytes: int = 4 << 30, seed: int = 0, progress: bool = True) -> int:
-    """Write the checkpoint; returns its tensor bytes."""
-    import torch
-    from safetensors.torch import save_file
-    from tqdm import tqdm
-
-    from engine.config import ModelConfig
-    from engine.dummy import DummyWeights, write_config
+    """Write config.json and the tensors of a named shape; returns the tensor bytes."""
+    from engine.dummy import write_config
 
     out_dir = Path(out_dir)
     write_config(shape, quant, out_dir)
@@ -50,9 +45,24 @@ def write_random(shape: str, quant: str, out_dir: Path, dtype: str = "float16", 
     if layers is not None:
         raw["num_hidden_layers"] = layers
     config_path.write_text(json.dumps(raw, indent=2))
-    source = DummyWeights(ModelConfig.from_dir(out_dir), dtype=getattr(torch, dtype), seed=seed)
+    total = write_tensors(out_dir, dtype, shard_bytes, seed, progress)
+    logger.info("wrote %s (%s, %s): %.2f GB", out_dir, shape, quant, total / 1e9)
+    return total
 
-    names = source.names()
+
+def write_tensors(out_dir: Path, dtype: str = "float16", shard_bytes: int = 4 << 30, seed: int = 0,
+                  progress: bool = True) -> int:
+    """Random valid tensors for the config.json in out_dir (engine.dummy's), written one at a time
+    into safetensors files of at most shard_bytes plus an index; returns the tensor bytes."""
+    import torch
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    from engine.config import ModelConfig
+    from engine.dummy import DummyWeights
+
+    out_dir = Path(out_dir)
+    source = DummyWeights(ModelConfig.from_dir(out_dir), dtype=getattr(torch, dtype), seed=seed)
     current: dict[str, torch.Tensor] = {}
     current_bytes = total = 0
     file_names: list[str] = []
@@ -65,7 +75,7 @@ def write_random(shape: str, quant: str, out_dir: Path, dtype: str = "float16", 
         file_names.append(name)
         current.clear()
 
-    for name in tqdm(names, desc="writing tensors", unit="tensor", disable=not progress):
+    for name in tqdm(source.names(), desc="writing tensors", unit="tensor", disable=not progress):
         tensor = source.read(name).contiguous()
         nbytes = tensor.numel() * tensor.element_size()
         if current and current_bytes + nbytes > shard_bytes:
@@ -82,8 +92,6 @@ def write_random(shape: str, quant: str, out_dir: Path, dtype: str = "float16", 
         (out_dir / old).rename(out_dir / new)
     index = {"metadata": {"total_size": total}, "weight_map": {n: final[f] for n, f in weight_map.items()}}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-    logger.info("wrote %s (%s, %s): %d tensors, %.2f GB in %d files", out_dir, shape, quant, len(names),
-                total / 1e9, count)
     return total
 
 
