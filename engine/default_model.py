@@ -11,9 +11,9 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from quant.export import atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -54,17 +54,9 @@ def prepare_default(force: bool = False) -> Path:
     if (target / "config.json").exists() and (target / "model.safetensors").exists() and not force:
         return target
     source = gguf_path()
-    target.parent.mkdir(parents=True, exist_ok=True)
     logger.info("converting %s into %s (once)", source.name, target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}-", dir=target.parent))
-    try:
+    with atomic_directory(target) as tmp:
         convert_gguf(source, tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -67,16 +67,10 @@ class AWQLayout:
         _check_packed("qzeros", self.qzeros, (G, packed_size(self.out_features, 4)))
 
 
-@dataclass
-class Int8Layout:
-    weight: torch.Tensor  # int8 [N, K]
-    scales: torch.Tensor  # float32 [N]
-    dynamic_act: bool = False  # W8A8: int8 activations, per-token scales (kernels.act_quant)
+class _DenseWeight:
+    """An 8-bit weight stored unpacked as [N, K]."""
 
-    def __post_init__(self):
-        if self.weight.dtype != torch.int8 or self.weight.dim() != 2:
-            raise ValueError(f"int8 weight must be a 2-d int8 tensor, got {self.weight.dtype} {list(self.weight.shape)}")
-        _check_shape("scales", self.scales, (self.weight.shape[0],))
+    weight: torch.Tensor
 
     @property
     def in_features(self) -> int:
@@ -88,7 +82,19 @@ class Int8Layout:
 
 
 @dataclass
-class FP8Layout:
+class Int8Layout(_DenseWeight):
+    weight: torch.Tensor  # int8 [N, K]
+    scales: torch.Tensor  # float32 [N]
+    dynamic_act: bool = False  # W8A8: int8 activations, per-token scales (kernels.act_quant)
+
+    def __post_init__(self):
+        if self.weight.dtype != torch.int8 or self.weight.dim() != 2:
+            raise ValueError(f"int8 weight must be a 2-d int8 tensor, got {self.weight.dtype} {list(self.weight.shape)}")
+        _check_shape("scales", self.scales, (self.weight.shape[0],))
+
+
+@dataclass
+class FP8Layout(_DenseWeight):
     weight: torch.Tensor  # float8_e4m3fn [N, K]
     scales: torch.Tensor  # float32, 0-d (per tensor) or [N] (per channel)
     dynamic_act: bool = False  # W8A8: FP8 activations, per-token scales (kernels.act_quant)
@@ -99,14 +105,6 @@ class FP8Layout:
             raise ValueError(f"FP8 weight must be a 2-d float8_e4m3fn tensor, got {self.weight.dtype} {list(self.weight.shape)}")
         if self.scales.dim() != 0:
             _check_shape("scales", self.scales, (self.weight.shape[0],))
-
-    @property
-    def in_features(self) -> int:
-        return self.weight.shape[1]
-
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[0]
 
 
 def _check_shape(name: str, t: torch.Tensor, want: tuple[int, ...]) -> None:

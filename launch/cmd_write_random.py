@@ -53,46 +53,22 @@ def write_random(shape: str, quant: str, out_dir: Path, dtype: str = "float16", 
 def write_tensors(out_dir: Path, dtype: str = "float16", shard_bytes: int = 4 << 30, seed: int = 0,
                   progress: bool = True) -> int:
     """Random valid tensors for the config.json in out_dir (engine.dummy's), written one at a time
-    into safetensors files of at most shard_bytes plus an index; returns the tensor bytes."""
+    into safetensors files of at most shard_bytes (an index when there are several); returns the
+    tensor bytes."""
     import torch
-    from safetensors.torch import save_file
     from tqdm import tqdm
 
     from engine.config import ModelConfig
     from engine.dummy import DummyWeights
+    from quant.export import ShardWriter
 
     out_dir = Path(out_dir)
     source = DummyWeights(ModelConfig.from_dir(out_dir), dtype=getattr(torch, dtype), seed=seed)
-    current: dict[str, torch.Tensor] = {}
-    current_bytes = total = 0
-    file_names: list[str] = []
-    weight_map: dict[str, str] = {}
-
-    def flush() -> None:
-        name = f"part-{len(file_names) + 1:05d}.safetensors"
-        save_file(current, str(out_dir / name), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(current, name))
-        file_names.append(name)
-        current.clear()
-
+    writer = ShardWriter(out_dir, shard_bytes)
     for name in tqdm(source.names(), desc="writing tensors", unit="tensor", disable=not progress):
-        tensor = source.read(name).contiguous()
-        nbytes = tensor.numel() * tensor.element_size()
-        if current and current_bytes + nbytes > shard_bytes:
-            flush()
-            current_bytes = 0
-        current[name] = tensor
-        current_bytes += nbytes
-        total += nbytes
-    flush()
-    # HF's naming, which needs the file count known
-    count = len(file_names)
-    final = {old: f"model-{i:05d}-of-{count:05d}.safetensors" for i, old in enumerate(file_names, 1)}
-    for old, new in final.items():
-        (out_dir / old).rename(out_dir / new)
-    index = {"metadata": {"total_size": total}, "weight_map": {n: final[f] for n, f in weight_map.items()}}
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-    return total
+        writer.add({name: source.read(name)})
+    writer.close()
+    return writer.total
 
 
 def run(args) -> int:

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from engine import LLM, SamplingParams
 from engine.default_model import DEFAULT_MODEL_NAME, cache_dir, prepare_default
+from quant.export import atomic_directory
 
 logger = logging.getLogger("launch.demo")
 
@@ -45,16 +43,11 @@ def prepare_quantized_default() -> Path:
 
     source = prepare_default()
     logger.warning("quantizing %s with GPTQ 4-bit g64 into %s (once, a few minutes on CPU)", source.name, target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        parser = argparse.ArgumentParser()
-        cmd_quantize.add_arguments(parser)
+    parser = argparse.ArgumentParser()
+    cmd_quantize.add_arguments(parser)
+    with atomic_directory(target) as tmp:
         if cmd_quantize.run(parser.parse_args(["--model", str(source), "-o", str(tmp), *QUANTIZE_ARGS])) != 0:
             raise SystemExit("quantizing the default model failed (see above)")
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

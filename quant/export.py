@@ -14,8 +14,9 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -71,10 +72,8 @@ def export_quantized(model_dir: str | Path, out_dir: str | Path, packer: Packer,
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     config = check_not_quantized(model_dir)
     skip = tuple(skip)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
-        writer = _ShardWriter(tmp, max_shard_bytes)
+    with atomic_directory(out_dir) as tmp:
+        writer = ShardWriter(tmp, max_shard_bytes)
         source = tensors if tensors is not None else float_tensors(model_dir)
         for name, tensor in tqdm(source, desc="quantizing", unit="tensor", disable=not progress):
             if is_quantizable(name, skip):
@@ -92,16 +91,27 @@ def export_quantized(model_dir: str | Path, out_dir: str | Path, packer: Packer,
         for f in _COPIED_FILES:
             if (model_dir / f).exists():
                 shutil.copy2(model_dir / f, tmp / f)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
-class _ShardWriter:
+@contextmanager
+def atomic_directory(target: str | Path) -> Iterator[Path]:
+    """A temporary directory beside `target` that replaces it only when the block succeeds: an
+    interrupted write never leaves a half checkpoint where a reader looks."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+class ShardWriter:
     """Collects tensors and writes model-0000i-of-0000n.safetensors files plus their index."""
 
     def __init__(self, out_dir: Path, max_bytes: int):

@@ -20,6 +20,7 @@ from quant.compressed_tensors import FORMAT_VERSION, CompressedTensorsPacker
 from quant.compressed_tensors_scheme import CompressedTensorsConfig
 from quant.export import export_quantized
 from tests.helpers import engine_last_logits, write_hf_llama
+from tests.quant.ct_package import package_checkpoint
 
 ct = pytest.importorskip("compressed_tensors")
 
@@ -165,41 +166,6 @@ def test_legacy_unset_g_idx_means_column_order(tmp_path):
 def float_llama(tmp_path_factory) -> Path:
     return write_hf_llama(tmp_path_factory.mktemp("float") / "llama", hidden=256, heads=8, kv_heads=2,
                           intermediate=512, layers=2, vocab=512)
-
-
-def package_checkpoint(float_dir: Path, out: Path, weights_args: dict, dtype=torch.float16) -> Path:
-    """What llm-compressor does at save time: min-max qparams (the package's calculate_qparams),
-    then the package's ModelCompressor packs the model and writes config.json's quantization_config."""
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
-                                                 QuantizationStatus, apply_quantization_config)
-    from compressed_tensors.quantization.utils.helpers import calculate_qparams
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(float_dir, dtype=dtype)
-    args = QuantizationArgs(**weights_args)
-    scheme = QuantizationScheme(targets=["Linear"], weights=args)
-    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"]),
-                              show_progress=False)
-    for _, module in model.named_modules():
-        if getattr(module, "quantization_scheme", None) is None:
-            continue
-        w = module.weight.detach().float()
-        if args.strategy == "tensor":
-            lo, hi = w.amin().reshape(1), w.amax().reshape(1)
-        else:
-            size = w.shape[1] if args.strategy == "channel" else args.group_size
-            grouped = w.reshape(w.shape[0], -1, size)
-            lo, hi = grouped.amin(-1), grouped.amax(-1)
-        scale, zero = calculate_qparams(lo, hi, args)
-        module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
-        module.weight_zero_point.data.copy_(zero.reshape(module.weight_zero_point.shape))
-        module.quantization_status = QuantizationStatus.FROZEN
-    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
-    compressor.compress_model(model)
-    model.save_pretrained(out)
-    compressor.update_config(str(out))
-    return out
 
 
 PACKAGE_CASES = {

@@ -15,6 +15,7 @@ from kernels import act_quant
 from parallel.sharding import column_shard, qkv_shard, row_shard
 from quant import QuantConfigError, get_loader
 from tests.quant.checkpoints import expected_slice, save_checkpoint
+from tests.quant.ct_package import package_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -197,42 +198,6 @@ CT_WEIGHTS = {"channel": {"num_bits": 8, "type": "float", "strategy": "channel",
 CT_DYNAMIC_TOKEN = {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True, "dynamic": True}
 
 
-def package_checkpoint_8bit(float_dir, out, weights_args: dict, input_args: dict | None, fmt: str,
-                            dtype=torch.float32):
-    """What llm-compressor does at save time for an 8-bit scheme: min-max weight qparams through the
-    package's calculate_qparams, then its ModelCompressor writes `fmt` and the quantization_config."""
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
-                                                 QuantizationStatus, apply_quantization_config)
-    from compressed_tensors.quantization.utils.helpers import calculate_qparams
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(float_dir, dtype=dtype)
-    args = QuantizationArgs(**weights_args)
-    scheme = QuantizationScheme(targets=["Linear"], weights=args,
-                                input_activations=QuantizationArgs(**input_args) if input_args else None)
-    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"]),
-                              show_progress=False)
-    for _, module in model.named_modules():
-        if getattr(module, "quantization_scheme", None) is None:
-            continue
-        w = module.weight.detach().float()
-        if args.strategy == "tensor":
-            lo, hi = w.amin().reshape(1), w.amax().reshape(1)
-        else:
-            lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
-        scale, zero = calculate_qparams(lo, hi, args)
-        module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
-        if hasattr(module, "weight_zero_point"):
-            module.weight_zero_point.data.copy_(zero.reshape(module.weight_zero_point.shape))
-        module.quantization_status = QuantizationStatus.FROZEN
-    compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
-    compressor.compress_model(model)
-    model.save_pretrained(out)
-    compressor.update_config(str(out))
-    return out
-
-
 @pytest.fixture(scope="module")
 def float_llama(tmp_path_factory):
     from tests.helpers import write_hf_llama
@@ -312,8 +277,8 @@ def engine_logits(path, prompts, emulate_w8a8: bool = False) -> torch.Tensor:
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("strategy, dynamic", [("channel", True), ("tensor", False)])
 def test_package_float_quantized_checkpoint(tmp_path, float_llama, strategy, dynamic):
-    out = package_checkpoint_8bit(float_llama, tmp_path / "ct", CT_WEIGHTS[strategy],
-                                  CT_DYNAMIC_TOKEN if dynamic else None, "float-quantized")
+    out = package_checkpoint(float_llama, tmp_path / "ct", CT_WEIGHTS[strategy], "float-quantized",
+                             CT_DYNAMIC_TOKEN if dynamic else None, torch.float32)
     assert package_weights_match_ours(out, "float-quantized") == 16
     ours = engine_logits(out, TINY_PROMPTS, emulate_w8a8=dynamic)
     theirs = transformers_logits(out)

@@ -14,8 +14,9 @@ from parallel.sharding import Layout, column_shard, row_shard
 from quant import QuantConfigError, get_loader
 from quant.int8 import quantize_int8_per_channel
 from tests.quant.checkpoints import expected_slice, save_checkpoint
+from tests.quant.ct_package import package_checkpoint
 from tests.quant.test_fp8 import (SOURCES, K, check_end_to_end, convert_default, ct_config, engine_logits,
-                                  float_default_logits, float_llama, layer_shards, package_checkpoint_8bit,
+                                  float_default_logits, float_llama, layer_shards,
                                   package_weights_match_ours, transformers_logits, TINY_PROMPTS)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -121,8 +122,8 @@ CT_INT_TOKEN = {"num_bits": 8, "type": "int", "strategy": "token", "symmetric": 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("w8a8", [True, False])
 def test_package_int_quantized_checkpoint(tmp_path, float_llama, w8a8):
-    out = package_checkpoint_8bit(float_llama, tmp_path / "ct", CT_INT_CHANNEL, CT_INT_TOKEN if w8a8 else None,
-                                  "int-quantized")
+    out = package_checkpoint(float_llama, tmp_path / "ct", CT_INT_CHANNEL, "int-quantized",
+                             CT_INT_TOKEN if w8a8 else None, torch.float32)
     assert package_weights_match_ours(out, "int-quantized") == 16
     ours = engine_logits(out, TINY_PROMPTS, emulate_w8a8=w8a8)
     theirs = transformers_logits(out)
