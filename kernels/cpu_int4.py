@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from kernels.groups import aligned_block, plan_groups
+from kernels.codes import int_codes
+from kernels.groups import aligned_block
 from kernels.layouts import AWQLayout, GPTQLayout
-from kernels.packing import AWQ_ORDER, unpack_int32
 from kernels.prepared import PreparedWeight
 
 # Output rows converted at a time: the op packs rows independently in runs of 64, so chunks of
@@ -37,14 +37,9 @@ def unsupported_reason(layout, act_dtype: torch.dtype) -> str | None:
         return f"N={layout.out_features} is not a multiple of 16"
     if isinstance(layout, GPTQLayout) and layout.bits not in (2, 3, 4, 8):
         return f"{layout.bits}-bit codes"
-    ids = plan_groups(layout).group_ids if isinstance(layout, GPTQLayout) else _awq_group_ids(layout)
-    if aligned_block(ids) is None:
+    if aligned_block(int_codes(layout).group_ids) is None:
         return "no run of 32/64/128/256 rows stays within one group (or K is not a multiple of 32)"
     return None
-
-
-def _awq_group_ids(layout: AWQLayout) -> torch.Tensor:
-    return torch.arange(layout.in_features, device=layout.scales.device) // layout.group_size
 
 
 class CpuInt4Weight(PreparedWeight):
@@ -55,28 +50,12 @@ class CpuInt4Weight(PreparedWeight):
         reason = unsupported_reason(layout, act_dtype)
         if reason:
             raise ValueError(f"cpu-int4 backend: {reason}")
-        K, N = layout.in_features, layout.out_features
-        perm = None
-        if isinstance(layout, GPTQLayout):
-            plan = plan_groups(layout)
-            perm = plan.perm  # act order: rows sorted by group
-
-            def codes_of(n0: int, n1: int) -> torch.Tensor:  # [K, n1 - n0]
-                codes = unpack_int32(layout.qweight[:, n0:n1], layout.bits, 0, count=K)
-                return codes if perm is None else codes[perm]
-
-            ids, bits = plan.group_ids, layout.bits
-            zeros = None if layout.qzeros is None else unpack_int32(layout.qzeros, bits, 1, count=N)
-        else:
-            def codes_of(n0: int, n1: int) -> torch.Tensor:  # N % 16 == 0: chunks are whole words
-                return unpack_int32(layout.qweight[:, n0 // 8: n1 // 8], 4, 1, count=n1 - n0, order=AWQ_ORDER)
-
-            ids, bits = _awq_group_ids(layout), 4
-            zeros = unpack_int32(layout.qzeros, 4, 1, count=N, order=AWQ_ORDER)
+        N = layout.out_features
+        src = int_codes(layout)
+        ids, bits, perm, codes_of = src.group_ids, src.bits, src.perm, src.codes_of
         self.block = aligned_block(ids)
         block_groups = ids[:: self.block]
-        s = layout.scales.float()[block_groups]  # [K / block, N]
-        z = torch.full_like(s, 2.0 ** (bits - 1)) if zeros is None else zeros.float()[block_groups]
+        s, z = src.scales[block_groups], src.zeros[block_groups]  # [K / block, N]
         if bits == 8:
             scale = torch.cat([16 * s, s])
             offset = torch.cat([(136 - z) * s, torch.zeros_like(s)])

@@ -1,10 +1,12 @@
 """Backend choice for quantized matmuls: `prepare` once at load, `linear` per call.
 
-On CUDA every layout runs the Triton kernel. On CPU (measured on a 2-core avx512_bf16 machine,
-torch 2.13) torch's weight-only ops are ~4x faster than a dense bf16 matmul at M=1, but only with
-bf16 activations: bf16 GPTQ/AWQ go to `cpu-int4`, per-channel 8-bit to `cpu-int8`, and what they
-cannot express (fp16/fp32 activations, FP8, odd shapes, groups straddling 32-row runs) to the
-dequantized fallback. The dequantizing reference (kernels.reference) stays the oracle.
+On CUDA every layout runs the Triton kernel. On CPU, bf16 activations only (measured on a 2-core
+Xeon with AMX, torch 2.13, K = N = 2048): GPTQ/AWQ/int8 go to `cpu-amx` (our AMX kernel, ~4x a
+dense bf16 matmul for 4-bit at M = 1 and still ~2x at M = 16) where the CPU and a C compiler
+allow; otherwise bf16 GPTQ/AWQ go to `cpu-int4` and per-channel 8-bit to `cpu-int8` (torch's
+weight-only ops: ~3x at M = 1 but slower than dense from M = 8). What none can express (fp16/fp32
+activations, FP8, odd shapes, groups straddling 32-row runs) takes the dequantized fallback.
+The dequantizing reference (kernels.reference) stays the oracle.
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ import logging
 
 import torch
 
-from kernels import act_quant, cpu_int4, cpu_int8
+from kernels import act_quant, cpu_amx, cpu_int4, cpu_int8
 from kernels.layouts import AWQLayout, FP8Layout, GPTQLayout, Int8Layout
 from kernels.prepared import DequantizedWeight, PreparedWeight
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "triton", "cpu-int4", "cpu-int8", "dequant")
+BACKENDS = ("auto", "triton", "cpu-amx", "cpu-int4", "cpu-int8", "dequant")
 
 
 def layout_device(layout) -> torch.device:
@@ -33,6 +35,9 @@ def choose_backend(layout, act_dtype: torch.dtype) -> tuple[str, str]:
         return "triton", "CUDA"
     if device.type != "cpu":
         return "dequant", f"no kernel for {device.type}"
+    why_amx = cpu_amx.unsupported_reason(layout, act_dtype)
+    if why_amx is None:
+        return "cpu-amx", "AMX kernel in bf16"
     why_int8 = cpu_int8.unsupported_reason(layout, act_dtype)
     if why_int8 is None:
         return "cpu-int8", "per-channel 8-bit in bf16"
@@ -66,6 +71,8 @@ def prepare(layout, act_dtype: torch.dtype, backend: str = "auto", keep_layout: 
         from kernels.triton_backend import TritonWeight  # imports triton: only when used
 
         prepared = TritonWeight(layout, act_dtype, **options)
+    elif backend == "cpu-amx":
+        prepared = cpu_amx.CpuAmxWeight(layout, act_dtype)
     elif backend == "cpu-int4":
         prepared = cpu_int4.CpuInt4Weight(layout, act_dtype)
     elif backend == "cpu-int8":

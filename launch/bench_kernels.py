@@ -16,6 +16,7 @@ import math
 import statistics
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--full", action="store_true",
                         help="on CPU too: every model shape and M (slow: minutes per shape on 2 cores)")
     parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16", help="activation dtype (CPU: bf16)")
+    parser.add_argument("--backend", default="auto", choices=kernels.BACKENDS,
+                        help="kernel backend (default: what the engine picks; e.g. cpu-int4 for torch's op)")
     parser.add_argument("--hot", action="store_true",
                         help="reuse one weight (cache-resident) instead of rotating copies")
     parser.add_argument("--no-dequant-baseline", action="store_true",
@@ -184,23 +187,35 @@ def describe(device: torch.device) -> str:
     return f"cpu, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
+def _cpu_last_level_cache() -> int | None:
+    """Bytes of the largest CPU cache sysfs reports (Linux), else None."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip()
+        scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KM")) * scale)
+    return max(sizes, default=None)
+
+
 def cache_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
-    return 32 << 20  # last-level cache of this class of machine (AMD EPYC, 32 MiB L3)
+    return _cpu_last_level_cache() or 32 << 20
 
 
 # ---- one layer ----
 def bench_layer(model, layer, K, N, fmt, ms, act, device, timer, copy_gbs, args) -> list[dict]:
     layout = random_layout(fmt, K, N, device)
-    prepared = kernels.prepare(layout, act, keep_layout=False)
+    prepared = kernels.prepare(layout, act, backend=args.backend, keep_layout=False)
     weight_bytes = sum(b.numel() * b.element_size() for b in prepared.buffers())
     dense = reference.dequantize(layout).to(act)
-    # rotating copies whose total exceeds the last-level cache: every weight streams from memory
+    # rotating copies whose total exceeds the last-level cache (3x, at most 1 GiB: a VM's share of a
+    # large L3 is smaller than sysfs says): every weight streams from memory, quantized and dense alike
     def copies(nbytes: int) -> int:
-        return 1 if args.hot else max(1, min(64, math.ceil(3 * cache_bytes(device) / nbytes)))
+        return 1 if args.hot else max(1, math.ceil(min(3 * cache_bytes(device), 1 << 30) / nbytes))
 
-    quantized = [prepared] + [kernels.prepare(random_layout(fmt, K, N, device), act, keep_layout=False)
+    quantized = [prepared] + [kernels.prepare(random_layout(fmt, K, N, device), act, backend=args.backend,
+                                              keep_layout=False)
                               for _ in range(copies(weight_bytes) - 1)]
     dense_copies = [dense] + [torch.randn_like(dense) for _ in range(copies(dense.numel() * 2) - 1)]
     dense_f32 = None

@@ -50,7 +50,7 @@ class PackedLinear(nn.Module, abc.ABC):
 
 # Whether a KernelLinear keeps its canonical layout beside the backend's repacked form (so that
 # dequantize() works on every backend: tests). The engine loads under `layouts_dropped()`: a
-# repacking backend (cpu-int4/int8) then holds the rank's weights once, not twice, and the layout's
+# repacking backend (cpu-amx/int4/int8) then holds the rank's weights once, not twice, and the layout's
 # tensors (views of the checkpoint's memory map) stop counting in the rank's resident set.
 _KEEP_LAYOUT: ContextVar[bool] = ContextVar("qshard_keep_layout", default=True)
 

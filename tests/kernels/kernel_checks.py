@@ -39,3 +39,10 @@ def assert_matches_reference(y: torch.Tensor, x: torch.Tensor, layout, *, rel: f
     assert worst <= 1.0, f"max error {err.max().item():.3e} is {worst:.2f}x the elementwise bound"
     normwise = (err.norm() / ref.norm()).item()
     assert normwise <= rel * u, f"normwise relative error {normwise:.3e} > {rel * u:.3e}"
+
+
+def bf16_cpu_backend(layout, without_amx: str) -> str:
+    """The backend `prepare(layout, bf16)` picks on this CPU: the AMX kernel where it runs, else `without_amx`."""
+    from kernels import cpu_amx
+
+    return "cpu-amx" if cpu_amx.unsupported_reason(layout, torch.bfloat16) is None else without_amx

@@ -1,5 +1,5 @@
-"""CPU backends (torch's int4/int8 weight-only ops in bf16, the dequantized fallback) and the
-automatic choice between them, against the float64 reference."""
+"""CPU backends (the AMX kernel, torch's int4/int8 weight-only ops in bf16, the dequantized
+fallback) and the automatic choice between them, against the float64 reference."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from tests.kernels import kernel_factories as make
-from tests.kernels.kernel_checks import assert_matches_reference
+from tests.kernels.kernel_checks import assert_matches_reference, bf16_cpu_backend
 
 import kernels
 from kernels import reference
 
-# name -> (layout factory(gen), backend "auto" must pick); K multiples of 32, N of 16 where the ops apply
+# name -> (layout factory(gen), backend "auto" picks without AMX); K multiples of 32, N of 16 where the ops apply
 CASES = {
     "gptq4-sym-g128": (lambda g: make.gptq(256, 48, 4, 128, gen=g), "cpu-int4"),
     "gptq4-asym-g128-actorder": (lambda g: make.gptq(384, 48, 4, 128, sym=False, act_order=True, gen=g), "cpu-int4"),
@@ -51,7 +51,20 @@ def test_auto_backend_in_bf16(case, M):
     gen = _generator(case, M)
     layout = factory(gen)
     prepared = kernels.prepare(layout, torch.bfloat16)
-    assert prepared.backend == expected, kernels.choose_backend(layout, torch.bfloat16)
+    assert prepared.backend == bf16_cpu_backend(layout, expected), kernels.choose_backend(layout, torch.bfloat16)
+    x = torch.randn(M, layout.in_features, generator=gen).to(torch.bfloat16)
+    assert_matches_reference(kernels.linear(x, prepared), x, layout)
+
+
+@pytest.mark.parametrize("M", [1, 16, 33])
+@pytest.mark.parametrize("case", [c for c, (_, b) in CASES.items() if b in ("cpu-int4", "cpu-int8")])
+def test_torch_op_backends_by_name(case, M):
+    """torch's ops stay correct where they would be picked (CPUs without AMX)."""
+    factory, backend = CASES[case]
+    gen = _generator(case, M, backend)
+    layout = factory(gen)
+    prepared = kernels.prepare(layout, torch.bfloat16, backend=backend)
+    assert prepared.backend == backend
     x = torch.randn(M, layout.in_features, generator=gen).to(torch.bfloat16)
     assert_matches_reference(kernels.linear(x, prepared), x, layout)
 

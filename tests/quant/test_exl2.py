@@ -17,6 +17,7 @@ from quant import QuantConfigError, get_loader
 from quant.base import KernelLinear
 from quant.exl2 import ConcatLinear
 from quant.exl2_pack import Exl2Layer, Exl2Packer, Exl2Recipe, exl2_quantize, pack_layer
+from tests.kernels.kernel_checks import bf16_cpu_backend
 from tests.quant.checkpoints import CountingWeights, expected_slice, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -404,7 +405,8 @@ def test_forward_through_the_kernels_dispatch(tmp_path, recipe, width, bf16_back
     save_checkpoint(tmp_path, write_exl2("x", layer))
     linear = get_loader(CONFIG).load_linear(Weights(tmp_path, dtype=dtype), column_shard([("x", 64)], 192, 0, 1))
     assert linear.prepared.layout.bits == width
-    assert linear.prepared.backend == (bf16_backend if dtype == torch.bfloat16 else "dequant")
+    assert linear.prepared.backend == (bf16_cpu_backend(linear.prepared.layout, bf16_backend) if dtype == torch.bfloat16
+                                       else "dequant")
     x = torch.randn(3, 192, generator=torch.Generator().manual_seed(0))
     want = x.double() @ layer.dequantize().double().T
     got = linear(x.to(dtype)).double()

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engine.weights import Weights
+from tests.kernels.kernel_checks import bf16_cpu_backend
 from kernels import act_quant
 from parallel.sharding import Layout, column_shard, row_shard
 from quant import QuantConfigError, get_loader
@@ -97,7 +98,8 @@ def test_w8a8_runs_w8a16_on_cpu_and_its_emulation_quantizes_per_token(tmp_path, 
     save_checkpoint(tmp_path, {"x.weight": q, "x.weight_scale": s.reshape(-1, 1)})
     linear = get_loader(ct_config("int-quantized", "int", True)).load_linear(
         Weights(tmp_path, dtype=dtype), column_shard([("x", 64)], 96, 0, 1))
-    assert linear.prepared.backend == ("cpu-int8" if dtype == torch.bfloat16 else "dequant")
+    assert linear.prepared.backend == (bf16_cpu_backend(linear.prepared.layout, "cpu-int8") if dtype == torch.bfloat16
+                                       else "dequant")
     w = q.double() * s.double()[:, None]
     x = torch.randn(4, 96, generator=torch.Generator().manual_seed(3))
     x[1, 5] = 40.0  # an outlier coarsens only its own token's scale

@@ -15,6 +15,7 @@ from quant import QuantConfigError, get_loader
 from quant.calibrate import QuantArgs, QuantResult, rtn_quantize
 from quant.marlin import MarlinPacker
 from quant.marlin_layout import CHUNK_N, TILE_K, decode_codes, encode_codes
+from tests.kernels.kernel_checks import bf16_cpu_backend
 from tests.quant.checkpoints import CountingWeights, expected_slice, random_result, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -217,7 +218,8 @@ def test_forward_through_the_kernels_dispatch(tmp_path, dtype):
     x = torch.randn(3, 256, generator=torch.Generator().manual_seed(0))
     want = x.double() @ r.dequantize().double().T
     got = linear(x.to(dtype)).double()
-    assert linear.prepared.backend == ("cpu-int4" if dtype == torch.bfloat16 else "dequant")
+    assert linear.prepared.backend == (bf16_cpu_backend(linear.prepared.layout, "cpu-int4") if dtype == torch.bfloat16
+                                       else "dequant")
     assert (got - want).abs().max() < (1e-4 if dtype == torch.float32 else 0.05 * want.abs().max())
 
 

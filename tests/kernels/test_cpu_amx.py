@@ -1,0 +1,89 @@
+"""The AMX CPU kernel (kernels/cpu_amx.c) against the float64 reference, its packing, and its build."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+from tests.kernels import kernel_factories as make
+from tests.kernels.kernel_checks import assert_matches_reference
+
+import kernels
+from kernels import cpu_amx, native_build
+
+needs_amx = pytest.mark.skipif(cpu_amx.available() is not None, reason=f"AMX kernel unavailable: {cpu_amx.available()}")
+
+CASES = {
+    "gptq4-sym-g128": lambda g: make.gptq(256, 48, 4, 128, gen=g),
+    "gptq4-asym-g32-actorder": lambda g: make.gptq(192, 32, 4, 32, sym=False, act_order=True, gen=g),
+    "gptq4-unequal-groups": lambda g: make.gptq(320, 48, 4, 128, sym=False, group_sizes=[64, 128, 128],
+                                                first_group=3, gen=g),
+    "gptq3-asym-g64-actorder": lambda g: make.gptq(256, 32, 3, 64, sym=False, act_order=True, gen=g),
+    "gptq2-sym-g32": lambda g: make.gptq(256, 32, 2, 32, gen=g),
+    "gptq8-asym-g128-actorder": lambda g: make.gptq(256, 48, 8, 128, sym=False, act_order=True, gen=g),
+    "gptq8-sym-perchannel": lambda g: make.gptq(256, 48, 8, 256, gen=g),
+    "awq-g128": lambda g: make.awq(256, 48, 128, gen=g),
+    # one block of K rows (2048 > any group run): the per-channel int8 path; a few 16-column panels
+    "int8-perchannel-wide-K": lambda g: make.int8(2048, 64, gen=g),
+    "gptq4-g128-wide-K": lambda g: make.gptq(2048, 80, 4, 128, sym=False, gen=g),
+}
+
+
+def _generator(*key) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+@needs_amx
+@pytest.mark.parametrize("M", [1, 2, 5, 16, 17, 40, 70])  # row tiles: one partial, one full, 2, 3 (2 + 1), 5
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_reference(case, M):
+    gen = _generator(case, M)
+    layout = CASES[case](gen)
+    prepared = kernels.prepare(layout, torch.bfloat16, backend="cpu-amx")
+    x = torch.randn(M, layout.in_features, generator=gen).to(torch.bfloat16)
+    assert_matches_reference(kernels.linear(x, prepared), x, layout)
+
+
+@needs_amx
+def test_auto_picks_it_and_large_activations_stay_accurate():
+    """x with magnitude 100: the 128 + q offsets cancel in fp32, not in the bf16 output."""
+    gen = _generator("large")
+    layout = make.gptq(512, 32, 4, 64, sym=False, gen=gen)
+    prepared = kernels.prepare(layout, torch.bfloat16)
+    assert prepared.backend == "cpu-amx"
+    x = (100 * torch.randn(3, 512, generator=gen)).to(torch.bfloat16)
+    assert_matches_reference(kernels.linear(x, prepared), x, layout)
+
+
+def test_pack_codes_places_each_code_where_the_kernel_reads_it():
+    K, n = 64, 32
+    codes = torch.randint(0, 16, (K, n), generator=_generator("pack4"), dtype=torch.int32)
+    packed = cpu_amx.pack_codes(codes, 4).view(n // 16, K // 32, 8, 16, 2)  # [panel, kc, i, col, p]
+    for k, col in [(0, 0), (1, 0), (2, 5), (17, 3), (31, 15), (33, 20), (63, 31)]:
+        kc, r = divmod(k, 32)
+        half, rest = divmod(r, 16)
+        i, p = divmod(rest, 2)
+        byte = int(packed[col // 16, kc, i, col % 16, p])
+        assert (byte >> (4 * half)) & 15 == int(codes[k, col]), (k, col)
+    codes8 = torch.randint(0, 256, (K, n), generator=_generator("pack8"), dtype=torch.int32)
+    packed8 = cpu_amx.pack_codes(codes8, 8).view(n // 16, K // 32, 16, 16, 2)
+    assert int(packed8[1, 1, 7, 3, 1]) == int(codes8[32 + 15, 16 + 3])
+
+
+def test_refuses_what_it_cannot_run():
+    gen = _generator("refuse")
+    assert "bfloat16" in cpu_amx.unsupported_reason(make.gptq(256, 48, 4, 128, gen=gen), torch.float16)
+    assert "multiple" in cpu_amx.unsupported_reason(make.gptq(256, 40, 4, 128, gen=gen), torch.bfloat16)
+    assert "multiple" in cpu_amx.unsupported_reason(make.int8(200, 48, gen=gen), torch.bfloat16)
+    assert "FP8" in cpu_amx.unsupported_reason(make.fp8(256, 48, per_channel=True, gen=gen), torch.bfloat16)
+    with pytest.raises(ValueError, match="cpu-amx backend: .*bfloat16"):
+        kernels.prepare(make.gptq(256, 48, 4, 128, gen=gen), torch.float32, backend="cpu-amx")
+
+
+def test_a_failed_build_is_a_reason_not_an_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("QSHARD_CACHE", str(tmp_path))
+    lib, why = native_build.load.__wrapped__("cpu_amx.c", ("-DQSHARD_TEST_BROKEN_BUILD", "-fno-such-flag"))
+    assert lib is None and "failed" in why and "no-such-flag" in why
+    assert not list((tmp_path / "kernels").glob("*.tmp"))
