@@ -23,8 +23,8 @@
  * Scales: float32 [N/16][K/block][16] for s and for s * (offset + z).
  */
 #include <immintrin.h>
+#include <omp.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -118,18 +118,6 @@ static void pack_rows(const uint16_t *x, int64_t M, int64_t K, int rows, uint16_
       }
 }
 
-/* A thread's scratch for block accumulators, grown as needed and kept for the next call. */
-static float *block_buffer(int64_t floats) {
-  static __thread float *buffer = NULL;
-  static __thread int64_t capacity = 0;
-  if (floats > capacity) {
-    free(buffer);
-    buffer = aligned_alloc(64, (size_t)floats * sizeof(float));
-    capacity = floats;
-  }
-  return buffer;
-}
-
 #define DP(C, A, B) \
   case ((C - 3) * 8 + (A == 7) * 4 + (B - 1)): _tile_dpbf16ps(C, A, B); break
 #define DP_ALL(C) DP(C, 0, 1); DP(C, 0, 2); DP(C, 7, 1); DP(C, 7, 2)
@@ -172,14 +160,13 @@ static inline void store_accumulators(int count, float *dst /* [count][16 x 16] 
  * block on AMX, then the blocks' scales and zero points in one vector pass. */
 static void amx_item(const uint16_t *xtiles, int64_t M, int64_t K, int rows, int64_t t0, int tiles, const uint8_t *w,
                      int bits, const float *scale, const float *scale_zero, int64_t block, const float *xsum,
-                     uint16_t *out, int64_t N, int64_t nb0, int panels) {
+                     float *acc, uint16_t *out, int64_t N, int64_t nb0, int panels) {
   const int64_t nblocks = K / block, chunks_per_block = block / 32, chunks = K / 32;
   const int64_t chunk_bytes = bits == 4 ? 256 : 512, panel_bytes = chunks * chunk_bytes;
   const int accs = tiles * panels;
   /* Chunk kc is unpacked one step before its products, into a ring of buffers: a tile load waits
    * until the stores that wrote its data are done, and those wait behind every older instruction. */
   _Alignas(64) uint16_t lo[4][RING][512], hi[4][RING][512];
-  float *acc = block_buffer(nblocks * 4 * 256);
   const uint8_t *wp = w + nb0 * panel_bytes;
   for (int64_t kc = 0; kc < AHEAD && kc < chunks; kc++)
     for (int p = 0; p < panels; p++)
@@ -245,42 +232,38 @@ static void amx_item(const uint16_t *xtiles, int64_t M, int64_t K, int rows, int
     }
 }
 
-static void amx_linear(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, int bits,
-                       const float *scale, const float *scale_zero, int64_t block, const float *xsum,
-                       uint16_t *out, int threads) {
+/* y = x @ W^T. x, y bf16 row-major. Scratch from the caller (so that running out of memory is a
+ * Python error, not a crash here): xsum M * (K / block) floats; xtiles row_tiles * rows * K bf16
+ * (rows = min(M, 16), row_tiles = ceil(M / rows)); acc threads * (K / block) * 1024 floats.
+ * Needs K % 32 == 0, block % 32 == 0, K % block == 0, N % 16 == 0, bits 4 or 8. */
+void qs_amx_linear(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, int bits,
+                   const float *scale, const float *scale_zero, int64_t block, float *xsum, uint16_t *xtiles,
+                   float *acc, uint16_t *out, int threads) {
+  block_sums(x, M, K, block, xsum);
   const int rows = M < 16 ? (int)M : 16;
   const int64_t row_tiles = (M + rows - 1) / rows, panels = N / 16;
   /* work item shape: x tiles x panels sharing the four accumulators */
   const int tiles = row_tiles >= 4 ? 4 : row_tiles >= 2 ? 2 : 1, per_item = 4 / tiles;
-  uint16_t *xtiles = aligned_alloc(64, (size_t)row_tiles * rows * K * 2);
   pack_rows(x, M, K, rows, xtiles);
   const int64_t panel_groups = (panels + per_item - 1) / per_item;
 #pragma omp parallel num_threads(threads)
   {
+    float *my_acc = acc + (int64_t)omp_get_thread_num() * (K / block) * 1024;
     configure_tiles(rows);
 #pragma omp for schedule(static)
     for (int64_t g = 0; g < panel_groups; g++)
       for (int64_t t0 = 0; t0 < row_tiles; t0 += tiles) {
         const int count = panels - g * per_item < per_item ? (int)(panels - g * per_item) : per_item;
         const int item_tiles = row_tiles - t0 < tiles ? (int)(row_tiles - t0) : tiles;
+        const int64_t nb0 = g * per_item;
         if (item_tiles == 3) { /* 3 x 1 does not fit the 2 x 2 / 4 x 1 code: split into 2 + 1 */
-          amx_item(xtiles, M, K, rows, t0, 2, w, bits, scale, scale_zero, block, xsum, out, N, g * per_item, count);
-          amx_item(xtiles, M, K, rows, t0 + 2, 1, w, bits, scale, scale_zero, block, xsum, out, N, g * per_item, count);
+          amx_item(xtiles, M, K, rows, t0, 2, w, bits, scale, scale_zero, block, xsum, my_acc, out, N, nb0, count);
+          amx_item(xtiles, M, K, rows, t0 + 2, 1, w, bits, scale, scale_zero, block, xsum, my_acc, out, N, nb0, count);
         } else {
-          amx_item(xtiles, M, K, rows, t0, item_tiles, w, bits, scale, scale_zero, block, xsum, out, N, g * per_item,
+          amx_item(xtiles, M, K, rows, t0, item_tiles, w, bits, scale, scale_zero, block, xsum, my_acc, out, N, nb0,
                    count);
         }
       }
     _tile_release();
   }
-  free(xtiles);
-}
-
-/* y = x @ W^T. x, y bf16 row-major; xsum: caller's scratch of M * (K / block) floats.
- * Needs K % 32 == 0, block % 32 == 0, K % block == 0, N % 16 == 0, bits 4 or 8. */
-void qs_amx_linear(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, int bits,
-                   const float *scale, const float *scale_zero, int64_t block, float *xsum, uint16_t *out,
-                   int threads) {
-  block_sums(x, M, K, block, xsum);
-  amx_linear(x, M, K, w, N, bits, scale, scale_zero, block, xsum, out, threads);
 }

@@ -44,9 +44,8 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
     if not lib.qs_amx_init():
         return None, "Linux refused AMX tile state (arch_prctl)"
     lib.qs_amx_linear.restype = None
-    lib.qs_amx_linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                                  ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-                                  ctypes.c_void_p, ctypes.c_int]
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.qs_amx_linear.argtypes = [ptr, i64, i64, ptr, i64, ctypes.c_int, ptr, ptr, i64, ptr, ptr, ptr, ptr, ctypes.c_int]
     return lib, None
 
 
@@ -125,8 +124,13 @@ class CpuAmxWeight(PreparedWeight):
         out = torch.empty(M, N, dtype=torch.bfloat16)
         if M == 0:
             return out
-        xsum = torch.empty(M, K // self.block, dtype=torch.float32)
+        threads, blocks = torch.get_num_threads(), K // self.block
+        rows = min(M, 16)
+        # the kernel's scratch (see qs_amx_linear): allocated here, so running out of memory raises
+        xsum = torch.empty(M, blocks, dtype=torch.float32)
+        xtiles = torch.empty(-(-M // rows) * rows * K, dtype=torch.bfloat16)
+        acc = torch.empty(threads * blocks * 1024, dtype=torch.float32)
         _library()[0].qs_amx_linear(x.data_ptr(), M, K, self.packed.data_ptr(), N, self.bits, self.scale.data_ptr(),
-                                    self.scale_zero.data_ptr(), self.block, xsum.data_ptr(), out.data_ptr(),
-                                    torch.get_num_threads())
+                                    self.scale_zero.data_ptr(), self.block, xsum.data_ptr(), xtiles.data_ptr(),
+                                    acc.data_ptr(), out.data_ptr(), threads)
         return out
