@@ -1,6 +1,18 @@
 #!/usr/bin/env bash
-# The single-GPU run (issue 8) in one device call:  run(command="bash bench/gpu_single.sh", timeout_s=600)
-# Results land in $OUT (the device tool brings them back; commit them under bench/results/).
+# The single-GPU run (issue 8), in two device calls (each must end inside 600 s):
+#   run(command="STEPS='tests kernels' TESTS='tests/kernels --ignore=tests/kernels/test_cpu_amx.py'
+#                bash bench/gpu_single.sh", carry=["build/whl"], timeout_s=600)
+#   run(command="STEPS=engine bash bench/gpu_single.sh", timeout_s=600)
+# Results land in $OUT (the device tool brings back 8 files at most; commit them under bench/results/).
+# Steps (STEPS, run in this order):
+#   tests   kernel tests compiled on the GPU; with pytest-xdist when build/whl carries its wheels
+#           (pip download --no-deps -d build/whl pytest-xdist execnet)
+#   kernels `qshard bench kernels`: MAIN_FORMAT on its own, then MORE_FORMATS
+#   engine  fp16 kernel bench (its tuning, QSHARD_TRITON_CACHE, is reused by the engine), a random
+#           GPTQ-int4 Llama-2-7B checkpoint on disk, decode tokens/s with and without CUDA graphs
+#           against the bandwidth floor (GRAPH_BATCHES, ENGINE_DEBUG=1: traceback in this process)
+# Before each bench, bench/triton_warmup.py compiles every tuner candidate from many processes: a cold
+# single process spends minutes compiling. Steps stop at DEADLINE seconds (tstep).
 # TINY=1 runs the same steps at toy sizes on CPU (Triton under TRITON_INTERPRET=1) to check the script.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -8,36 +20,103 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 OUT=${OUT:-bench/results/gpu-$(date +%Y-%m-%d)}
 PY=${PY:-python3}
 TINY=${TINY:-0}
+STEPS=${STEPS:-tests kernels engine}
+MODELS=${MODELS:-llama-2-7b}                      # kernel bench shape sets
+MAIN_FORMAT=${MAIN_FORMAT:-gptq4}                 # the issue's format: benched first, on its own
+MORE_FORMATS=${MORE_FORMATS-gptq4-act awq4 int8 fp8}
+JOBS=${JOBS:-14}                                  # compile processes (and pytest-xdist workers)
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
 log="$OUT/log.txt"
-step() { echo "== $* ($(date +%T))" | tee -a "$log"; "$@" 2>&1 | tee -a "$log"; }
+step() { echo "== $* ($(date +%T))" | tee -a "$log"; "$@" 2>&1 | tee -a "$log"; echo "-- rc=$? ($(date +%T))" | tee -a "$log"; }
+want() { [[ " $STEPS " == *" $1 "* ]]; }
+DEADLINE=${DEADLINE:-575}  # seconds this script may run (the device call's limit is 600)
+tstep() {  # tstep MAX cmd...: step under a timeout of MAX s, or less where the deadline is nearer
+  local t=$(( DEADLINE - SECONDS - 5 )); [ "$1" -lt "$t" ] && t=$1; shift
+  if [ "$t" -lt 20 ]; then echo "== skipped (deadline): $*" | tee -a "$log"; return 1; fi
+  step timeout "$t" "$@"
+}
+export QSHARD_TRITON_CACHE="$OUT/triton-tuned.json"  # tuned configs, shared by the bench and engine processes
 
 if [ "$TINY" = 1 ]; then
   shape=tiny; device=cpu; batches=1,4; lens="--input-len 8 --output-len 8"
-  kernels_args=(--device cpu --models square-2048 --m 1 --formats gptq4 --min-time 0.05 --no-dequant-baseline)
+  kernel_args=(--device cpu --models square-2048 --m 1 --min-time 0.05 --no-dequant-baseline)
+  MAIN_FORMAT=gptq4 MORE_FORMATS=int8 ms=(1)
   tests=(tests/kernels/test_triton_kernels.py -k "interpret and gptq4" -x)
 else
   shape=llama-2-7b; device=cuda; batches=1,2,4,8,16,32,64; lens="--input-len 128 --output-len 128"
-  kernels_args=(--device cuda)
-  tests=(tests/kernels)
+  kernel_args=(--device cuda --models $MODELS)
+  ms=(1 2 4 8 16 32 64 128 256)
+  tests=(${TESTS:-tests/kernels})  # e.g. TESTS="tests/kernels --ignore=tests/kernels/test_cpu_amx.py"
   step nvidia-smi
 fi
 step $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())"
+if [ -d build/whl ] && ls build/whl/*.whl >/dev/null 2>&1; then  # carried wheels (pytest-xdist, execnet)
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site build/whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+warm() { [ "$TINY" = 1 ] || tstep 200 $PY bench/triton_warmup.py --jobs "$JOBS" "$@"; }
 
 # 1. kernel tests, compiled on the GPU (the interpreter only where there is none)
-step $PY -m pytest -q -p no:cacheprovider "${tests[@]}" --junitxml "$OUT/kernel-tests.xml"
+if want tests; then
+  xdist=()
+  [ "$TINY" = 1 ] || ! $PY -c "import xdist" 2>/dev/null || xdist=(-n "$JOBS")
+  QSHARD_TRITON_CACHE= tstep 300 $PY -m pytest -q -p no:cacheprovider "${xdist[@]}" "${tests[@]}" \
+    --junitxml "$OUT/kernel-tests.xml"
+fi
 
 # 2. the kernels against the copy bandwidth and bf16 F.linear, measured in the same run
-step $PY -m launch.cli bench kernels "${kernels_args[@]}" --json "$OUT/kernels.json"
+if want kernels; then
+  warm --models $MODELS --formats $MAIN_FORMAT --m "${ms[@]}"
+  tstep 240 $PY -m launch.cli bench kernels "${kernel_args[@]}" --formats $MAIN_FORMAT \
+    --json "$OUT/kernels-bf16-$MAIN_FORMAT.json"
+  if [ -n "$MORE_FORMATS" ]; then
+    warm --models $MODELS --formats $MORE_FORMATS --m "${ms[@]}"
+    tstep 300 $PY -m launch.cli bench kernels "${kernel_args[@]}" --formats $MORE_FORMATS \
+      --json "$OUT/kernels-bf16-more.json"
+  fi
+fi
 
 # 3. the engine: a random GPTQ-int4-g128 checkpoint of Llama-2-7B's shape, written to disk, then decode
-ckpt=${CKPT_DIR:-/tmp/qshard-$shape-gptq}
-[ -f "$ckpt/config.json" ] || step $PY -m launch.cli write-random --shape $shape --quant gptq-w4g128 -o "$ckpt"
-step $PY -m launch.cli bench throughput --model "$ckpt" --tp 1 --batch $batches $lens --dtype float16 \
-  --device $device --hf off --out "$OUT/graphs"
-step $PY -m launch.cli bench throughput --model "$ckpt" --tp 1 --batch 1 $lens --dtype float16 \
-  --device $device --hf off --eager --out "$OUT/eager"
-step $PY bench/decode_floor.py --model "$ckpt" --device $device --json "$OUT/decode-floor.json" \
-  --throughput "$OUT/graphs/throughput.json" "$OUT/eager/throughput.json"
-rm -f "$OUT"/*/throughput.png  # the device tool brings back 8 files at most: keep the JSON and tables
+if want engine; then
+  # fp16 (the engine's dtype) kernel bench; its tuning (+ M=512, prefill) is what the engine then reuses
+  warm --models $shape --formats gptq4 --dtype fp16 --m "${ms[@]}" 512
+  engine_ms=("${ms[@]}"); [ "$TINY" = 1 ] || engine_ms+=(512)
+  tstep 240 $PY -m launch.cli bench kernels "${kernel_args[@]}" $([ "$TINY" = 1 ] || echo --models $shape) \
+    --formats gptq4 --dtype fp16 --m "${engine_ms[@]}" --json "$OUT/kernels-fp16-gptq4.json"
+  ckpt=${CKPT_DIR:-/tmp/qshard-$shape-gptq}
+  [ -f "$ckpt/config.json" ] || tstep 240 $PY -m launch.cli write-random --shape $shape --quant gptq-w4g128 -o "$ckpt"
+  # STRIP_G_IDX=1: drop the g_idx tensors (desc_act=false checkpoints may omit them). Needed before
+  # quant/gptq.py compared g_idx on the tensor's own device (fixed 2026-11-23).
+  [ "${STRIP_G_IDX:-0}" = 1 ] && step $PY - "$ckpt" <<'PYEOF'
+import json, sys
+from pathlib import Path
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+d = Path(sys.argv[1])
+for f in sorted(d.glob("*.safetensors")):
+    with safe_open(str(f), "pt") as h:
+        if not any(k.endswith(".g_idx") for k in h.keys()):
+            continue
+    tensors = load_file(str(f))
+    save_file({k: v for k, v in tensors.items() if not k.endswith(".g_idx")}, str(f), metadata={"format": "pt"})
+    print(f"{f.name}: dropped {sum(k.endswith('.g_idx') for k in tensors)} g_idx tensors")
+idx = d / "model.safetensors.index.json"
+if idx.exists():
+    j = json.loads(idx.read_text())
+    j["weight_map"] = {k: v for k, v in j["weight_map"].items() if not k.endswith(".g_idx")}
+    idx.write_text(json.dumps(j, indent=2))
+PYEOF
+  tstep 300 $PY -m launch.cli bench throughput --model "$ckpt" --tp 1 --batch ${GRAPH_BATCHES:-$batches} $lens \
+    --dtype float16 --device $device --hf off --out "$OUT/graphs"
+  if [ "${ENGINE_DEBUG:-0}" = 1 ]; then  # in this process: the whole traceback (the bench keeps 25 lines)
+    CUDA_LAUNCH_BLOCKING=1 tstep 200 $PY -m launch.bench_throughput --log-level INFO --model "$ckpt" --tp 1 \
+      --batch $batches $lens --dtype float16 --device $device --measure "$OUT/debug-measure.json"
+  fi
+  tstep 200 $PY -m launch.cli bench throughput --model "$ckpt" --tp 1 --batch 1 $lens --dtype float16 \
+    --device $device --hf off --eager --out "$OUT/eager"
+  tstep 60 $PY bench/decode_floor.py --model "$ckpt" --device $device --json "$OUT/decode-floor.json" \
+    --throughput "$OUT/graphs/throughput.json" "$OUT/eager/throughput.json"
+  rm -f "$OUT"/*/throughput.png "$OUT"/*/throughput.md  # 8 files come back at most; the tables are in the log
+fi
 echo "results in $OUT" | tee -a "$log"

@@ -35,9 +35,11 @@ class DecodeGraphs:
         self.kv_lens = torch.ones(max_batch, **long)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
+        # Each graph reads its batch's index tensors (rows) by address: they must outlive the capture.
+        self.batches: dict[int, ForwardBatch] = {}
         pool = None
         for size in reversed(buckets(max_batch)):  # largest first, so smaller ones reuse its pool
-            batch = self._batch(size)
+            batch = self.batches[size] = self._batch(size)
             with torch.inference_mode():
                 for _ in range(2):  # warm-up: Triton autotuning and allocator growth happen outside capture
                     self._forward(batch)

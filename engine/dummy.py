@@ -76,6 +76,11 @@ def write_config(shape: str, quant: str, out_dir: str | Path) -> Path:
         raise ConfigError(f"unknown dummy quantization {quant!r}; known: {', '.join(QUANTS)}")
     cfg = dict(SHAPES[shape])
     if QUANTS[quant] is not None:
+        group = QUANTS[quant]["group_size"]
+        for field in ("hidden_size", "intermediate_size"):
+            if cfg[field] % group:
+                raise ConfigError(f"{quant} needs {field} divisible by group_size {group}; shape {shape} has "
+                                  f"{field}={cfg[field]}")
         cfg["quantization_config"] = dict(QUANTS[quant])
     cfg["qshard_dummy"] = {"shape": shape, "quant": quant}
     out = Path(out_dir)

@@ -26,6 +26,7 @@ def _kernel():
         stride_ob, stride_oh,
         GROUP: tl.constexpr, GROUP_TILE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_L: tl.constexpr,
         DOT_F32: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         b = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -47,18 +48,18 @@ def _kernel():
             k = tl.load(k_base + pos[:, None] * stride_kl + d[None, :], mask=valid[:, None], other=0.0)
             v = tl.load(v_base + pos[:, None] * stride_vl + d[None, :], mask=valid[:, None], other=0.0)
             if DOT_F32:  # the interpreter's 16-bit dot is wrong; compiled code keeps the cache dtype
-                s = tl.dot(q, tl.trans(k.to(tl.float32)))
-            else:
-                s = tl.dot(q.to(k.dtype), tl.trans(k))
+                s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+            else:  # PRECISION: "ieee" for float32 caches (compiled float32 dots default to TF32)
+                s = tl.dot(q.to(k.dtype), tl.trans(k), input_precision=PRECISION)
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))
             p = tl.exp(s - m_new[:, None])
             alpha = tl.exp(m - m_new)
             l = l * alpha + tl.sum(p, 1)
             if DOT_F32:
-                pv = tl.dot(p, v.to(tl.float32))
+                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
             else:
-                pv = tl.dot(p.to(v.dtype), v)
+                pv = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             acc = acc * alpha[:, None] + pv
             m = m_new
         out = acc / l[:, None]
@@ -90,6 +91,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
         GROUP=group, GROUP_TILE=tile, HEAD_DIM=D, BLOCK_L=block_l, DOT_F32=_INTERPRET,
+        PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
         num_warps=4,
     )
     return out

@@ -74,6 +74,9 @@ def candidates(M: int, N: int, K: int, per_word: int, sms: int) -> list[KernelCo
     of 256 lost in dot tiles, and 256-wide N tiles at M = 128; the GEMV won at M = 1 for 4-bit, a
     16-row dot for int8; peeling words code by code (interleave=False) won for the GEMV and at M = 16,
     unpacking whole blocks at M = 128.
+    Widened after the first H100 run of `qshard bench kernels` (2026-11-23: 4-bit at 40-55% of copy
+    bandwidth for M <= 64, 0.3-0.6x bf16 at M = 128-256 with ~1 tile per SM): a split giving 4 programs
+    per SM besides 2 and 1, 8-warp GEMV/dot tiles, and split-K for the large-M tiles up to M = 256.
     """
     bm = m_bucket(M)
     bk = 128 if per_word <= 8 else 256
@@ -82,17 +85,29 @@ def candidates(M: int, N: int, K: int, per_word: int, sms: int) -> list[KernelCo
     shapes: list[tuple[bool, int, int, int, int, int, tuple[bool, ...]]] = []  # dot, BM, BN, BK, warps, stages
     if bm == 1:
         shapes += [(False, 1, 128, bk, 4, 2, both), (False, 1, 32, 2 * bk, 4, 2, peel),
-                   (False, 1, 64, 2 * bk, 4, 2, peel), (True, 16, 64, bk, 4, 3, peel)]
+                   (False, 1, 64, 2 * bk, 4, 2, peel), (True, 16, 64, bk, 4, 3, peel),
+                   (False, 1, 128, bk, 8, 3, peel), (False, 1, 256, bk, 8, 2, peel)]
     elif bm <= 16:
-        shapes += [(True, 16, 128, bk, 4, 3, both), (True, 16, 64, bk, 4, 3, both), (True, 16, 32, bk, 4, 4, peel)]
+        shapes += [(True, 16, 128, bk, 4, 3, both), (True, 16, 64, bk, 4, 3, both), (True, 16, 32, bk, 4, 4, peel),
+                   (True, 16, 128, bk, 8, 4, peel), (True, 16, 64, bk, 4, 5, peel)]
     elif bm <= 64:
-        shapes += [(True, bm, 128, bk, 4, 3, both), (True, bm, 64, bk, 4, 3, both), (True, bm, 128, bk, 8, 4, whole)]
+        shapes += [(True, bm, 128, bk, 4, 3, both), (True, bm, 64, bk, 4, 3, both), (True, bm, 128, bk, 8, 4, whole),
+                   (True, bm, 64, bk, 8, 4, whole)]
     else:
-        shapes += [(True, 128, 128, bk, 8, 3, both), (True, 64, 128, bk, 4, 3, whole), (True, 128, 64, bk, 4, 4, whole)]
+        shapes += [(True, 128, 128, bk, 8, 3, both), (True, 64, 128, bk, 4, 3, whole), (True, 128, 64, bk, 4, 4, whole),
+                   (True, 64, 64, bk, 4, 4, whole), (True, 128, 128, bk // 2, 8, 4, whole)]
     out: list[KernelConfig] = []
     for use_dot, BM, BN, BK, warps, stages, unpackings in shapes:
-        split = split_k_for(M, N, K, BM, BN, BK, sms) if bm <= 64 else 1
-        for s in dict.fromkeys((split, max(1, split // 2))):
+        split = split_k_for(M, N, K, BM, BN, BK, sms)
+        if bm <= 64:  # memory-bound: 2 programs per SM (the default), 1, and 4
+            splits = (split, max(1, split // 2), split * 2)
+        elif bm <= 256:  # unsplit first (the default), then 2 programs per SM
+            splits = (1, split)
+        else:  # prefill-sized M: no workspace of M x N partial sums
+            splits = (1,)
+        for s in dict.fromkeys(splits):
+            if s > 1 and s * 2 * BK > K:  # keep at least two K blocks per split
+                continue
             for interleave in unpackings:
                 cfg = KernelConfig(use_dot, BM, BN, BK, s, warps, stages, interleave)
                 if is_valid(cfg, per_word) and cfg not in out:

@@ -192,7 +192,8 @@ class GPTQLoader(WeightsLoader):
             if not torch.equal(other, g_idx[0]):
                 raise QuantConfigError(f"tensor {name} differs from {names[0]}: parts fused into one matmul "
                                        f"share their input and must share g_idx")
-        act_order = not torch.equal(g_idx[0], trivial_group_ids(shard.in_features, Groups(gsize)).long())
+        trivial = trivial_group_ids(shard.in_features, Groups(gsize)).long().to(g_idx[0].device)
+        act_order = not torch.equal(g_idx[0], trivial)
         if act_order != bool(p.desc_act):
             self._log_once(("desc_act", act_order), logging.INFO,
                            "gptq: %s has %s g_idx although desc_act=%s in the config; the g_idx decides",

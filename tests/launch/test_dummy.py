@@ -19,6 +19,11 @@ from kernels.reference import dequantize
 def test_write_config_for_every_shape_and_quant(tmp_path):
     for shape in SHAPES:
         for quant in QUANTS:
+            group = (QUANTS[quant] or {}).get("group_size", 1)
+            if SHAPES[shape]["hidden_size"] % group or SHAPES[shape]["intermediate_size"] % group:
+                with pytest.raises(ConfigError, match=f"{quant} needs hidden_size divisible by group_size"):
+                    write_config(shape, quant, tmp_path / "x")
+                continue
             cfg = ModelConfig.from_dir(write_config(shape, quant, tmp_path / f"{shape}-{quant}"))
             assert cfg.hidden_size == SHAPES[shape]["hidden_size"]
             assert (cfg.quantization_config or {}).get("quant_method") == (QUANTS[quant] or {}).get("quant_method")
