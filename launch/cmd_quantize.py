@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import random
 import sys
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from launch.texts import DEFAULT_CALIBRATION_TEXT, calibration_samples, read_text
-from quant.calibrate.args import ACTORDERS, SUPPORTED_BITS, QuantArgs
+from quant.calibrate.args import ACTORDERS, OBSERVERS, SUPPORTED_BITS, QuantArgs
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"calibration text file (default: the shipped {DEFAULT_CALIBRATION_TEXT.name})")
     p.add_argument("--samples", type=int, default=64, help="calibration samples (default 64)")
     p.add_argument("--seqlen", type=int, default=256, help="tokens per calibration sample (default 256)")
+    p.add_argument("--calib-seed", type=int, default=None,
+                   help="pick the calibration windows at random start positions drawn with this seed "
+                        "(default: evenly spaced windows over the text)")
+    p.add_argument("--observer", choices=OBSERVERS, default="minmax",
+                   help="scale/zero of each group: minmax, or mse (range shrunk to minimise the group's "
+                        "rounding error, as original GPTQ's mse=True)")
     p.add_argument("--format", choices=FORMATS, default="gptq", help="checkpoint format written")
     p.add_argument("-o", "--output", type=Path, required=True, help="output model directory")
     p.add_argument("--skip", action="append", default=[],
@@ -64,6 +71,17 @@ def run(args) -> int:
     except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
         print(f"qshard quantize: error: {e}", file=sys.stderr)
         return 2
+
+
+def calibration_windows(token_ids: list[int], num_samples: int, seqlen: int, seed: int | None) -> list[list[int]]:
+    """`num_samples` windows of `seqlen` tokens: evenly spaced (seed None), or at start positions
+    drawn uniformly with Python's `random.Random(seed)` (portable: the same windows on any machine
+    and in any venv), sorted, so that other calibration sets of the same text can be compared."""
+    if seed is None or num_samples < 1 or len(token_ids) < seqlen:
+        return calibration_samples(token_ids, num_samples, seqlen)  # also the input errors
+    draw = random.Random(seed)
+    starts = sorted(draw.randrange(len(token_ids) - seqlen + 1) for _ in range(num_samples))
+    return [token_ids[s:s + seqlen] for s in starts]
 
 
 def make_packer(fmt: str, args: QuantArgs, true_sequential: bool, damp: float, ignore: list[str]):
@@ -99,7 +117,8 @@ def _run(args) -> int:
     from quant.export import check_not_quantized, export_quantized
 
     began = time.perf_counter()
-    qargs = QuantArgs(bits=args.bits, group_size=args.group_size, sym=args.sym, actorder=args.act_order)
+    qargs = QuantArgs(bits=args.bits, group_size=args.group_size, sym=args.sym, actorder=args.act_order,
+                      observer=args.observer)
     model_dir = resolve_model_path(args.model)
     cfg = ModelConfig.from_dir(model_dir)
     check_not_quantized(model_dir)
@@ -119,9 +138,10 @@ def _run(args) -> int:
         if tokenizer is None:
             raise ValueError(f"{model_dir} has no tokenizer to cut the calibration text into tokens")
         ids = tokenizer(read_text(calib_path, "calibration text"))["input_ids"]
-        samples = calibration_samples(ids, args.samples, args.seqlen)
-        logger.info("calibration: %d samples x %d tokens from %s (%d tokens)", len(samples), args.seqlen,
-                    calib_path, len(ids))
+        samples = calibration_windows(ids, args.samples, args.seqlen, args.calib_seed)
+        logger.info("calibration: %d samples x %d tokens from %s (%d tokens, %s windows)", len(samples),
+                    args.seqlen, calib_path, len(ids),
+                    "evenly spaced" if args.calib_seed is None else f"seed {args.calib_seed}")
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     target = LlamaCalibrationTarget(model_dir, device=device, batch_size=args.batch_size)
@@ -142,6 +162,6 @@ def _run(args) -> int:
         print(f"left in float: {', '.join(result.skipped)}")
     fmt = args.format + (f" ({'gptq' if qargs.sym else 'gptq_v2'})" if args.format == "gptq" else " (pack-quantized)")
     print(f"{args.method} {qargs.bits}-bit group {qargs.group_size} {'sym' if qargs.sym else 'asym'} "
-          f"act-order {qargs.actorder} -> {args.output} [{fmt}]; calibration {result.seconds:.1f}s, "
-          f"total {time.perf_counter() - began:.1f}s")
+          f"act-order {qargs.actorder} observer {qargs.observer} -> {args.output} [{fmt}]; "
+          f"calibration {result.seconds:.1f}s, total {time.perf_counter() - began:.1f}s")
     return 0

@@ -14,6 +14,7 @@ import torch
 SUPPORTED_BITS = (2, 3, 4, 8)
 STRATEGIES = ("tensor", "channel", "group")
 ACTORDERS = ("none", "static", "group", "weight")
+OBSERVERS = ("minmax", "mse")
 DEFAULT_GROUP_SIZE = 128
 # compressed-tensors spellings: "dynamic" is an alias of "group"; None / bools as in its configs.
 _ACTORDER_ALIASES = {"dynamic": "group", None: "none", False: "none", True: "group"}
@@ -47,6 +48,10 @@ class QuantArgs:
                   the original weight, then processed in act order. That is exactly "weight"
                   (compressed-tensors also defines "static" as an alias of "weight").
         For "channel"/"tensor", "weight"/"static" reorder processing only (params are per row).
+    observer: how each group's scale/zero are chosen (rtn.compute_qparams):
+        "minmax": from the group's min/max (widened to include 0).
+        "mse":    the min/max range shrunk by the factor in a grid search that minimises the
+                  group's ||q(w) - w||^2.4 (original GPTQ's Quantizer with mse=True).
     """
 
     bits: int = 4
@@ -54,6 +59,7 @@ class QuantArgs:
     sym: bool = True
     strategy: str = "group"
     actorder: str = "none"
+    observer: str = "minmax"
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -66,6 +72,8 @@ class QuantArgs:
         if actorder not in ACTORDERS:
             raise ValueError(f"unknown actorder {self.actorder!r}; choose one of {ACTORDERS}")
 
+        if self.observer not in OBSERVERS:
+            raise ValueError(f"unknown observer {self.observer!r}; choose one of {OBSERVERS}")
         group_size = self.group_size
         if strategy == "group":
             group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size

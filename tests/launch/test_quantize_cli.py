@@ -213,3 +213,35 @@ def test_bad_input_gives_clear_errors(tiny_model, tmp_path, capsys):
     capsys.readouterr()
     assert quantize(rtn, tmp_path / "again", "--group-size", "32") == 2
     assert "is already quantized (gptq); quantize a float checkpoint" in capsys.readouterr().err
+
+
+def test_calibration_windows_by_seed():
+    from launch.cmd_quantize import calibration_windows
+    from launch.texts import calibration_samples
+
+    ids = list(range(5000))
+    assert calibration_windows(ids, 16, 64, None) == calibration_samples(ids, 16, 64)  # the default: evenly spaced
+    seeded = calibration_windows(ids, 16, 64, 1)
+    assert seeded == calibration_windows(ids, 16, 64, 1)  # deterministic
+    assert seeded != calibration_windows(ids, 16, 64, 2) and seeded != calibration_samples(ids, 16, 64)
+    starts = [w[0] for w in seeded]
+    assert starts == sorted(starts) and all(w == list(range(w[0], w[0] + 64)) for w in seeded)
+    assert all(0 <= s <= 5000 - 64 for s in starts)
+    assert calibration_windows(ids[:64], 3, 64, 7) == [ids[:64]] * 3  # one possible window
+    with pytest.raises(ValueError, match="fewer than one sample"):
+        calibration_windows(ids[:10], 4, 64, 7)
+
+
+def test_observer_and_calibration_seed_options(tiny_model, tmp_path, capsys):
+    out = {}
+    for observer in ("minmax", "mse"):
+        out[observer] = tmp_path / observer
+        assert quantize(tiny_model, out[observer], "--bits", "4", "--group-size", "32", "--asym",
+                        "--observer", observer, "--calib-seed", "3") == 0
+        assert f"act-order none observer {observer} ->" in capsys.readouterr().out
+    scales = {o: load_file(p / "model.safetensors")["model.layers.1.mlp.down_proj.scales"].float()
+              for o, p in out.items()}
+    assert bool((scales["mse"] <= scales["minmax"]).all()) and bool((scales["mse"] < scales["minmax"]).any())
+    assert torch.isfinite(engine_last_logits(out["mse"], PROMPTS)).all()
+    with pytest.raises(SystemExit):  # argparse: not a choice
+        quantize(tiny_model, tmp_path / "never", "--observer", "percentile")
