@@ -1,28 +1,30 @@
 /* Weight-only quantized GEMM on x86 AMX: y[M, N] = x[M, K] (bf16) @ W^T with 4- or 8-bit codes.
  *
- * Why it is fast: a code c (0..15) ORed into the low mantissa bits of bf16 128.0 (0x4300) is the
- * bf16 number 128 + c exactly, so unpacking is an OR, not a conversion. An 8-bit code 16h + l is
- * two such planes: (0x4500 | h) = 2048 + 16h and (0x4300 | l) = 128 + l, both fed to the same
- * accumulator. AMX sums C = x . (offset + q) per quantization block in fp32, and an epilogue
- * removes the offset and applies the group scale:
- *     y[m, n] += s[b, n] * C[m, n] - s[b, n] * (offset + z[b, n]) * sum_{k in b} x[m, k]
- * (the second factor, `scale_zero`, is precomputed at load). The unpacked weight never leaves L1,
- * and the cancelling offsets stay in fp32 (relative error ~2^-24 * offset / |q - z|, far below
- * the bf16 output's rounding).
+ * Why it is fast: AMX multiplies int8 by uint8 with int32 sums (TDPBSUD), so 8-bit codes go from
+ * memory straight into tiles, and 4-bit codes need one AND (and a shift) per byte to become them.
+ * The activations become integers exactly enough: each row m is a power-of-two scale s_m times
+ * planes of int8 digits,
+ *     x[m, k] = s_m * (d0 + d1 / 128 + d2 / 16384),   |x| <= 127 s_m,
+ * two planes for most rows (error <= s_m / 256 per element, about 2^-14 of the row's largest
+ * magnitude) and a third for rows whose largest element exceeds 64 times their mean magnitude
+ * (outlier channels), decided per row, so that a row's result does not depend on the batch it
+ * came in. The planes are extra rows of the A tile: at M = 1 they cost nothing, as AMX tiles have
+ * 16 rows anyway.
  *
- * Tiles also win at M = 1 (one-row tiles): measured against AVX512-BF16 dot products fed from
- * registers, 62 vs 67 us hot and 103 vs 213 us from DRAM (4-bit, K = N = 2048, 2 cores). The
- * unpacking (vector stores) and the tile loads that read it back do not fully overlap: a tile
- * load waits for those stores, so chunks are unpacked one step ahead of their products.
+ * Per quantization block the int32 tile sums are exact; the block's scale is applied to them in
+ * fp32 and the zero point comes out through the block sums of x:
+ *     y[m, n] = s_m * sum_b s[b, n] * C_b[m, n] - sum_b s[b, n] z[b, n] * sum_{k in b} x[m, k]
+ * (`scale_zero` = s * z is precomputed at load).
  *
- * Packed weight, per panel of 16 output columns (nb) and chunk of 32 input rows (kc):
- *   4-bit: 256 bytes; byte 32*i + 2*col + p holds k = 32kc + 2i + p (low nibble) and
- *          k = 32kc + 16 + 2i + p (high nibble), n = 16nb + col: one 32-byte load unpacks to
- *          rows i and i + 8 of AMX's bf16 B tile (row r = the pair of k 2r, 2r + 1).
- *   8-bit: 512 bytes; byte 32*i + 2*col + p holds k = 32kc + 2i + p whole.
- * Scales: float32 [N/16][K/block][16] for s and for s * (offset + z).
+ * Packed weight, per panel of 16 output columns and chunk of kc input rows (kc = 64, or 32 for
+ * 32-row blocks), in AMX's B-tile layout (tile row i, column n, byte p holds k = 4i + p):
+ *   8-bit: kc * 16 bytes, the tile itself;
+ *   4-bit: kc * 8 bytes, byte j holds tile byte j (low nibble) and tile byte kc * 8 + j (high).
+ * Scales: float32 [N / 16][K / block][16] for s and for s * z.
  */
+#include <float.h>
 #include <immintrin.h>
+#include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
@@ -31,11 +33,8 @@
 
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
-#define PREFETCH_AHEAD 4
-#ifndef AHEAD
-#define AHEAD 1 /* chunks unpacked ahead of their products */
-#endif
-#define RING (AHEAD + 1)
+#define PREFETCH_AHEAD 4     /* chunks; measured on weights streaming from DRAM: 3-10 % faster */
+#define OUTLIER_RATIO 64.0f  /* max|x| / mean|x| above which a row takes three planes */
 
 /* Linux gives AMX's tile state to a process only on request; 1 on success. */
 int qs_amx_init(void) {
@@ -50,82 +49,127 @@ typedef struct {
   uint8_t rows[16];
 } tile_config;
 
-/* Tiles: 0, 7 = x rows (A); 1, 2 = unpacked weight chunks (B); 3..6 = fp32 accumulators (C),
- * one per (row tile, panel) pair of the work item: 1 x 4 for up to 16 rows of x, 2 x 2 for 32,
- * 4 x 1 beyond, so that every A and B tile loaded serves several products. */
-static void configure_tiles(int rows) {
+/* Tiles: 0, 7 = activation planes (A, rows x kc bytes); 1, 2 = weight chunks (B, kc / 4 rows);
+ * 3..6 = int32 sums (C), one per (row tile, panel) pair of the work item. */
+static void configure_tiles(int rows, int kc) {
   tile_config cfg;
   memset(&cfg, 0, sizeof cfg);
   cfg.palette_id = 1;
   for (int t = 0; t < 8; t++) {
-    cfg.rows[t] = t == 1 || t == 2 ? 16 : rows;
-    cfg.colsb[t] = 64;
+    const int is_b = t == 1 || t == 2, is_a = t == 0 || t == 7;
+    cfg.rows[t] = is_b ? kc / 4 : rows;
+    cfg.colsb[t] = is_a ? kc : 64;
   }
   _tile_loadconfig(&cfg);
 }
 
-/* One chunk (32 k x 16 n) to bf16 B-tile rows: lo gets 16 rows; hi too for 8-bit codes. */
-static inline void unpack_chunk(const uint8_t *src, int bits, uint16_t *lo, uint16_t *hi) {
-  const __m512i nibble = _mm512_set1_epi16(0x000F);
-  const __m512i base128 = _mm512_set1_epi16(0x4300);
-  if (bits == 4) {
-    for (int i = 0; i < 8; i++) {
-      __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(src + 32 * i)));
-      _mm512_store_si512((__m512i *)(lo + 32 * i), _mm512_ternarylogic_epi32(w, nibble, base128, 0xEA));
-      _mm512_store_si512((__m512i *)(lo + 32 * (i + 8)), _mm512_or_si512(_mm512_srli_epi16(w, 4), base128));
-    }
-  } else {
-    const __m512i base2048 = _mm512_set1_epi16(0x4500);
-    for (int i = 0; i < 16; i++) {
-      __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(src + 32 * i)));
-      _mm512_store_si512((__m512i *)(lo + 32 * i), _mm512_ternarylogic_epi32(w, nibble, base128, 0xEA));
-      _mm512_store_si512((__m512i *)(hi + 32 * i), _mm512_or_si512(_mm512_srli_epi16(w, 4), base2048));
-    }
-  }
-}
+/* ---- activations: planes, block sums and where each row sits in the A tiles ---- */
 
-/* Request the chunk PREFETCH_AHEAD chunks on (measured on weights streaming from DRAM: 3-10%
- * faster; further ahead or into L2 only was no better). */
-static inline void prefetch_chunk(const uint8_t *chunk, int64_t chunk_bytes) {
-  const char *p = (const char *)chunk + PREFETCH_AHEAD * chunk_bytes;
-  for (int64_t off = 0; off < chunk_bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
-}
+typedef struct {
+  int64_t M, K, block, kc;
+  int rows;              /* rows configured per A tile: 16, or fewer when everything fits one */
+  int64_t tiles;         /* A tiles (row tiles) */
+  float *xsum;           /* [M][K / block] */
+  float *scale;          /* [M] s_m */
+  int32_t *first_row;    /* [M] row of plane 0 within its tile */
+  int32_t *planes;       /* [M] 2 or 3 */
+  int32_t *tile_of;      /* [M] */
+  int32_t *tile_m0;      /* [tiles + 1] first row of x in each tile */
+  int8_t *xq;            /* [tiles][K / kc][rows][kc] */
+} act_t;
 
 static inline __m512 bf16_to_f32(__m256i v) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
 }
 
-/* xsum[m, b] = sum of x[m, k] over block b, in fp32 (block % 16 == 0). */
-static void block_sums(const uint16_t *x, int64_t M, int64_t K, int64_t block, float *xsum) {
-  for (int64_t m = 0; m < M; m++)
-    for (int64_t b = 0; b < K / block; b++) {
-      __m512 s = _mm512_setzero_ps();
-      const uint16_t *row = x + m * K + b * block;
-      for (int64_t k = 0; k < block; k += 16) s = _mm512_add_ps(s, bf16_to_f32(_mm256_loadu_si256((const __m256i *)(row + k))));
-      xsum[m * (K / block) + b] = _mm512_reduce_add_ps(s);
+static inline __m512 load_x(const uint16_t *p) { return bf16_to_f32(_mm256_loadu_si256((const __m256i *)p)); }
+
+/* Row statistics: block sums, scale and plane count. */
+static void measure_row(const uint16_t *row, const act_t *a, int64_t m) {
+  __m512 mx = _mm512_setzero_ps(), total = _mm512_setzero_ps();
+  const int64_t nblocks = a->K / a->block;
+  for (int64_t b = 0; b < nblocks; b++) {
+    __m512 s = _mm512_setzero_ps();
+    for (int64_t k = b * a->block; k < (b + 1) * a->block; k += 16) {
+      const __m512 v = load_x(row + k);
+      s = _mm512_add_ps(s, v);
+      mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
+      total = _mm512_add_ps(total, _mm512_abs_ps(v));
+    }
+    a->xsum[m * nblocks + b] = _mm512_reduce_add_ps(s);
+  }
+  const float amax = _mm512_reduce_max_ps(mx), mean = _mm512_reduce_add_ps(total) / (float)a->K;
+  float s = 1.0f; /* the power of two with 63.5 s < amax <= 127 s (not below 2^-120: 1 / s stays finite) */
+  if (!(amax <= FLT_MAX)) {
+    s = NAN; /* inf or NaN in the row: its outputs are NaN, as a dense matmul's would be */
+  } else if (amax > 0) {
+    while (amax > 127.0f * s) s *= 2.0f;
+    while (amax <= 63.5f * s && s > 0x1p-120f) s *= 0.5f;
+  }
+  a->scale[m] = s;
+  a->planes[m] = amax > OUTLIER_RATIO * mean ? 3 : 2;
+}
+
+/* Rows into tiles in order, a row's planes never split across two tiles. */
+static void assign_tiles(act_t *a) {
+  int64_t t = 0;
+  int used = 0;
+  a->tile_m0[0] = 0;
+  for (int64_t m = 0; m < a->M; m++) {
+    if (used + a->planes[m] > 16) {
+      a->tile_m0[++t] = (int32_t)m;
+      used = 0;
+    }
+    a->tile_of[m] = (int32_t)t;
+    a->first_row[m] = used;
+    used += a->planes[m];
+  }
+  a->tiles = t + 1;
+  a->tile_m0[a->tiles] = (int32_t)a->M;
+  a->rows = a->tiles == 1 ? used : 16;
+}
+
+/* Digits of row m: d = round-half-up(v), v <- (v - d) * 128 (in [-64, 64)); exact in fp32. */
+static void write_planes(const uint16_t *row, const act_t *a, int64_t m) {
+  const __m512 inv = _mm512_set1_ps(1.0f / a->scale[m]), f128 = _mm512_set1_ps(128.0f), half = _mm512_set1_ps(0.5f);
+  const int64_t kc = a->kc, planes = a->planes[m];
+  int8_t *dst = a->xq + (int64_t)a->tile_of[m] * a->rows * a->K + (int64_t)a->first_row[m] * kc;
+  for (int64_t k0 = 0; k0 < a->K; k0 += kc, dst += a->rows * kc)
+    for (int64_t k = 0; k < kc; k += 16) {
+      __m512 v = _mm512_mul_ps(load_x(row + k0 + k), inv);
+      for (int p = 0; p < planes; p++) {
+        const __m512 d = _mm512_roundscale_ps(_mm512_add_ps(v, half), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+        _mm_storeu_si128((__m128i *)(dst + p * kc + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(d)));
+        v = _mm512_mul_ps(_mm512_sub_ps(v, d), f128);
+      }
     }
 }
 
-/* x as A tiles of `rows` rows (16, or M when M < 16), [tile][kc][row][32], missing rows zero:
- * one contiguous KB per tile (x's own rows are K * 2 bytes apart, which for K a multiple of 2048
- * would put a tile's 16 rows in one L1 set). */
-static void pack_rows(const uint16_t *x, int64_t M, int64_t K, int rows, uint16_t *dst) {
-  for (int64_t m0 = 0; m0 < M; m0 += rows)
-    for (int64_t kc = 0; kc < K / 32; kc++)
-      for (int m = 0; m < rows; m++) {
-        __m512i v = m0 + m < M ? _mm512_loadu_si512((const __m512i *)(x + (m0 + m) * K + kc * 32)) : _mm512_setzero_si512();
-        _mm512_storeu_si512((__m512i *)(dst + m0 * K + (kc * rows + m) * 32), v);
-      }
+/* ---- the GEMM ---- */
+
+static inline void unpack4(const uint8_t *src, int64_t kc, uint8_t *dst) {
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  const int64_t half = kc * 8;
+  for (int64_t i = 0; i < half; i += 64) {
+    const __m512i v = _mm512_loadu_si512((const void *)(src + i));
+    _mm512_store_si512((void *)(dst + i), _mm512_and_si512(v, low));
+    _mm512_store_si512((void *)(dst + half + i), _mm512_and_si512(_mm512_srli_epi16(v, 4), low));
+  }
 }
 
+static inline void prefetch_chunk(const uint8_t *chunk, int64_t chunk_bytes) {
+  const char *p = (const char *)chunk + PREFETCH_AHEAD * chunk_bytes;
+  for (int64_t off = 0; off < chunk_bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+}
+
+/* Tile numbers must be constants, hence the switches. c: 0..3 (tile 3 + c); a: tile 0 or 7;
+ * b: tile 1 or 2. */
 #define DP(C, A, B) \
-  case ((C - 3) * 8 + (A == 7) * 4 + (B - 1)): _tile_dpbf16ps(C, A, B); break
+  case ((C - 3) * 4 + (A == 7) * 2 + (B - 1)): _tile_dpbsud(C, A, B); break
 #define DP_ALL(C) DP(C, 0, 1); DP(C, 0, 2); DP(C, 7, 1); DP(C, 7, 2)
 
-/* acc tile c (0..3, tile 3 + c) += A tile a (0 or 1: tile 0 or 7) x B tile b (0 or 1: tile 1 or 2).
- * Tile numbers must be constants, hence the switch. */
 static inline void multiply(int c, int a, int b) {
-  switch (c * 8 + a * 4 + b) {
+  switch (c * 4 + a * 2 + b) {
     DP_ALL(3);
     DP_ALL(4);
     DP_ALL(5);
@@ -133,135 +177,169 @@ static inline void multiply(int c, int a, int b) {
   }
 }
 
-static inline void load_a(int a, const uint16_t *src) {
-  if (a) _tile_loadd(7, src, 64); else _tile_loadd(0, src, 64);
+static inline void load_a(int a, const int8_t *src, int64_t kc) {
+  if (a) _tile_loadd(7, src, kc); else _tile_loadd(0, src, kc);
 }
 
-static inline void load_b(int b, const uint16_t *src) {
+static inline void load_b(int b, const void *src) {
   if (b) _tile_loadd(2, src, 64); else _tile_loadd(1, src, 64);
 }
 
-static inline void zero_accumulators(int count) {
+static inline void zero_sums(int count) {
   _tile_zero(3);
   if (count > 1) _tile_zero(4);
   if (count > 2) _tile_zero(5);
   if (count > 3) _tile_zero(6);
 }
 
-static inline void store_accumulators(int count, float *dst /* [count][16 x 16] */) {
+static inline void store_sums(int count, int32_t *dst /* [count][16 x 16] */) {
   _tile_stored(3, dst, 64);
   if (count > 1) _tile_stored(4, dst + 256, 64);
   if (count > 2) _tile_stored(5, dst + 512, 64);
   if (count > 3) _tile_stored(6, dst + 768, 64);
 }
 
-/* One work item: row tiles t0 .. t0 + tiles - 1 of x (each `rows` rows) times panels
- * nb0 .. nb0 + panels - 1 (16 columns each), tiles * panels <= 4. Products per quantization
- * block on AMX, then the blocks' scales and zero points in one vector pass. */
-static void amx_item(const uint16_t *xtiles, int64_t M, int64_t K, int rows, int64_t t0, int tiles, const uint8_t *w,
-                     int bits, const float *scale, const float *scale_zero, int64_t block, const float *xsum,
-                     float *acc, uint16_t *out, int64_t N, int64_t nb0, int panels) {
-  const int64_t nblocks = K / block, chunks_per_block = block / 32, chunks = K / 32;
-  const int64_t chunk_bytes = bits == 4 ? 256 : 512, panel_bytes = chunks * chunk_bytes;
-  const int accs = tiles * panels;
-  /* Chunk kc is unpacked one step before its products, into a ring of buffers: a tile load waits
-   * until the stores that wrote its data are done, and those wait behind every older instruction. */
-  _Alignas(64) uint16_t lo[4][RING][512], hi[4][RING][512];
-  const uint8_t *wp = w + nb0 * panel_bytes;
-  for (int64_t kc = 0; kc < AHEAD && kc < chunks; kc++)
-    for (int p = 0; p < panels; p++)
-      unpack_chunk(wp + p * panel_bytes + kc * chunk_bytes, bits, lo[p][kc % RING], hi[p][kc % RING]);
-  for (int64_t b = 0; b < nblocks; b++) {
-    zero_accumulators(accs);
-    for (int64_t c = 0; c < chunks_per_block; c++) {
-      const int64_t kc = b * chunks_per_block + c;
-      if (kc + AHEAD < chunks)
-        for (int p = 0; p < panels; p++) {
-          const uint8_t *next = wp + p * panel_bytes + (kc + AHEAD) * chunk_bytes;
-          prefetch_chunk(next, chunk_bytes);
-          unpack_chunk(next, bits, lo[p][(kc + AHEAD) % RING], hi[p][(kc + AHEAD) % RING]);
-        }
-      const uint16_t *a_src = xtiles + t0 * rows * K + kc * rows * 32;
-      if (tiles == 1) { /* one x tile, up to four panels: A once, B per panel */
-        load_a(0, a_src);
-        for (int p = 0; p < panels; p++) {
-          load_b(0, lo[p][kc % RING]);
-          multiply(p, 0, 0);
-          if (bits == 8) {
-            load_b(1, hi[p][kc % RING]);
-            multiply(p, 0, 1);
-          }
-        }
-      } else if (tiles == 2) { /* two x tiles held, B per panel */
-        load_a(0, a_src);
-        load_a(1, a_src + rows * K);
-        for (int p = 0; p < panels; p++) {
-          load_b(0, lo[p][kc % RING]);
-          if (bits == 8) load_b(1, hi[p][kc % RING]);
-          for (int t = 0; t < 2; t++) {
-            multiply(t * panels + p, t, 0);
-            if (bits == 8) multiply(t * panels + p, t, 1);
-          }
-        }
-      } else { /* one panel held in B, x tiles streamed through A 0 / A 7 */
-        load_b(0, lo[0][kc % RING]);
-        if (bits == 8) load_b(1, hi[0][kc % RING]);
-        for (int t = 0; t < tiles; t++) {
-          load_a(t & 1, a_src + t * rows * K);
-          multiply(t, t & 1, 0);
-          if (bits == 8) multiply(t, t & 1, 1);
-        }
-      }
-    }
-    store_accumulators(accs, acc + b * 4 * 256);
-  }
+/* totals[sum i][row r] += block b's int32 sums times the block's scales (scale: the item's first panel). */
+static inline void fold(const int32_t *sums, float *totals, int tiles, int panels, const int used[], const float *scale,
+                        int64_t nblocks, int64_t b) {
   for (int t = 0; t < tiles; t++)
     for (int p = 0; p < panels; p++) {
-      const float *s = scale + (nb0 + p) * nblocks * 16, *sz = scale_zero + (nb0 + p) * nblocks * 16;
-      for (int r = 0; r < rows; r++) {
-        const int64_t m = (t0 + t) * rows + r;
-        if (m >= M) break;
-        __m512 total = _mm512_setzero_ps();
-        for (int64_t b = 0; b < nblocks; b++) {
-          const float *part = acc + (b * 4 + t * panels + p) * 256 + 16 * r;
-          total = _mm512_fmadd_ps(_mm512_loadu_ps(s + b * 16), _mm512_load_ps(part), total);
-          total = _mm512_fnmadd_ps(_mm512_loadu_ps(sz + b * 16), _mm512_set1_ps(xsum[m * nblocks + b]), total);
-        }
-        _mm256_storeu_si256((__m256i *)(out + m * N + (nb0 + p) * 16), (__m256i)_mm512_cvtneps_pbh(total));
+      const int i = t * panels + p;
+      const __m512 s = _mm512_loadu_ps(scale + (p * nblocks + b) * 16);
+      for (int r = 0; r < used[t]; r++) {
+        float *dst = totals + (i * 16 + r) * 16;
+        const __m512 part = _mm512_cvtepi32_ps(_mm512_load_si512(sums + (i * 16 + r) * 16));
+        _mm512_store_ps(dst, _mm512_fmadd_ps(s, part, _mm512_load_ps(dst)));
       }
     }
 }
 
-/* y = x @ W^T. x, y bf16 row-major. Scratch from the caller (so that running out of memory is a
- * Python error, not a crash here): xsum M * (K / block) floats; xtiles row_tiles * rows * K bf16
- * (rows = min(M, 16), row_tiles = ceil(M / rows)); acc threads * (K / block) * 1024 floats.
- * Needs K % 32 == 0, block % 32 == 0, K % block == 0, N % 16 == 0, bits 4 or 8. */
-void qs_amx_linear(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, int bits,
-                   const float *scale, const float *scale_zero, int64_t block, float *xsum, uint16_t *xtiles,
-                   float *acc, uint16_t *out, int threads) {
-  block_sums(x, M, K, block, xsum);
-  const int rows = M < 16 ? (int)M : 16;
-  const int64_t row_tiles = (M + rows - 1) / rows, panels = N / 16;
-  /* work item shape: x tiles x panels sharing the four accumulators */
-  const int tiles = row_tiles >= 4 ? 4 : row_tiles >= 2 ? 2 : 1, per_item = 4 / tiles;
-  pack_rows(x, M, K, rows, xtiles);
-  const int64_t panel_groups = (panels + per_item - 1) / per_item;
+typedef struct {
+  const uint8_t *w;
+  int bits;
+  int64_t N;
+  const float *scale, *scale_zero;  /* [N / 16][K / block][16] */
+  uint16_t *out;
+} weight_t;
+
+/* One work item: row tiles t0 .. t0 + tiles - 1 times panels nb0 .. nb0 + panels - 1 (16 columns
+ * each), tiles * panels <= 4. Each block's int32 sums are scaled into fp32 totals right away (in
+ * L1), then planes, row scales and zero points in one pass at the end. */
+static void amx_item(const act_t *a, const weight_t *wt, int64_t t0, int tiles, int64_t nb0, int panels) {
+  const int64_t K = a->K, kc = a->kc, rows = a->rows, nblocks = K / a->block, chunks = K / kc;
+  const int64_t chunks_per_block = a->block / kc;
+  const int64_t chunk_bytes = wt->bits == 4 ? kc * 8 : kc * 16, panel_bytes = chunks * chunk_bytes;
+  const int sums = tiles * panels;
+  _Alignas(64) uint8_t unpacked[4][2][1024]; /* 4-bit: chunk k + 1 is unpacked while k multiplies */
+  _Alignas(64) int32_t block_sums[4 * 256];
+  _Alignas(64) float totals[4 * 256];
+  int used[4];
+  for (int t = 0; t < tiles; t++) {
+    const int32_t last = a->tile_m0[t0 + t + 1] - 1;
+    used[t] = a->first_row[last] + a->planes[last];
+  }
+  memset(totals, 0, sizeof totals);
+  const uint8_t *wp = wt->w + nb0 * panel_bytes;
+  const int four = wt->bits == 4;
+  if (four)
+    for (int p = 0; p < panels; p++) unpack4(wp + p * panel_bytes, kc, unpacked[p][0]);
+  for (int64_t b = 0; b < nblocks; b++) {
+    zero_sums(sums);
+    for (int64_t c = 0; c < chunks_per_block; c++) {
+      const int64_t k = b * chunks_per_block + c;
+      for (int p = 0; p < panels; p++) {
+        const uint8_t *chunk = wp + p * panel_bytes + k * chunk_bytes;
+        prefetch_chunk(chunk, chunk_bytes);
+        if (four && k + 1 < chunks) unpack4(chunk + chunk_bytes, kc, unpacked[p][(k + 1) & 1]);
+      }
+#define B_SRC(p) (four ? (const void *)unpacked[p][k & 1] : (const void *)(wp + (p) * panel_bytes + k * chunk_bytes))
+      const int8_t *a_src = a->xq + t0 * rows * K + k * rows * kc;
+      if (tiles == 1) { /* one A tile, up to four panels */
+        load_a(0, a_src, kc);
+        for (int p = 0; p < panels; p++) {
+          load_b(p & 1, B_SRC(p));
+          multiply(p, 0, p & 1);
+        }
+      } else if (panels == 2) { /* two A tiles, two panels */
+        load_a(0, a_src, kc);
+        load_a(1, a_src + rows * K, kc);
+        for (int p = 0; p < 2; p++) {
+          load_b(p, B_SRC(p));
+          multiply(p, 0, p);
+          multiply(2 + p, 1, p);
+        }
+      } else { /* one panel held in B, A tiles streamed */
+        load_b(0, B_SRC(0));
+        for (int t = 0; t < tiles; t++) {
+          load_a(t & 1, a_src + t * rows * K, kc);
+          multiply(t, t & 1, 0);
+        }
+      }
+    }
+    store_sums(sums, block_sums);
+    fold(block_sums, totals, tiles, panels, used, wt->scale + nb0 * nblocks * 16, nblocks, b);
+  }
+  const __m512 plane_unit[3] = {_mm512_set1_ps(1.0f), _mm512_set1_ps(1.0f / 128), _mm512_set1_ps(1.0f / 16384)};
+  for (int t = 0; t < tiles; t++)
+    for (int p = 0; p < panels; p++) {
+      const float *sz = wt->scale_zero + (nb0 + p) * nblocks * 16;
+      const int i = t * panels + p;
+      for (int64_t m = a->tile_m0[t0 + t]; m < a->tile_m0[t0 + t + 1]; m++) {
+        const float *row = totals + (i * 16 + a->first_row[m]) * 16;
+        __m512 q = _mm512_setzero_ps(), zero = _mm512_setzero_ps();
+        for (int d = a->planes[m] - 1; d >= 0; d--) q = _mm512_fmadd_ps(_mm512_load_ps(row + 16 * d), plane_unit[d], q);
+        for (int64_t b = 0; b < nblocks; b++)
+          zero = _mm512_fnmadd_ps(_mm512_loadu_ps(sz + b * 16), _mm512_set1_ps(a->xsum[m * nblocks + b]), zero);
+        const __m512 y = _mm512_fmadd_ps(_mm512_set1_ps(a->scale[m]), q, zero);
+        _mm256_storeu_si256((__m256i *)(wt->out + m * wt->N + (nb0 + p) * 16), (__m256i)_mm512_cvtneps_pbh(y));
+      }
+    }
+}
+
+/* Bytes of scratch qs_amx_linear needs (the caller allocates it, so that running out of memory is
+ * a Python error, not a crash here). */
+int64_t qs_amx_scratch_bytes(int64_t M, int64_t K, int64_t block) {
+  const int64_t max_tiles = (3 * M + 13) / 14 + 1; /* every full tile holds >= 14 rows */
+  return 64 + M * (K / block) * 4 + M * 16 + (max_tiles + 1) * 4 + 64 + max_tiles * 16 * K;
+}
+
+/* y = x @ W^T. x, y bf16 row-major. Needs K % kc == 0, block % kc == 0, K % block == 0 (kc: 64,
+ * or 32 for blocks of 32), N % 16 == 0, bits 4 (codes 0..15) or 8 (0..255). */
+void qs_amx_linear(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, int bits, const float *scale,
+                   const float *scale_zero, int64_t block, int64_t kc, void *scratch, uint16_t *out, int threads) {
+  act_t a = {.M = M, .K = K, .block = block, .kc = kc};
+  char *s = (char *)scratch;
+  a.xsum = (float *)s; s += M * (K / block) * 4;
+  a.scale = (float *)s; s += M * 4;
+  a.first_row = (int32_t *)s; s += M * 4;
+  a.planes = (int32_t *)s; s += M * 4;
+  a.tile_of = (int32_t *)s; s += M * 4;
+  a.tile_m0 = (int32_t *)s; s += ((3 * M + 13) / 14 + 2) * 4;
+  a.xq = (int8_t *)(((uintptr_t)s + 63) & ~(uintptr_t)63);
+  const weight_t wt = {.w = w, .bits = bits, .N = N, .scale = scale, .scale_zero = scale_zero, .out = out};
+  const int64_t panels = N / 16;
 #pragma omp parallel num_threads(threads)
   {
-    float *my_acc = acc + (int64_t)omp_get_thread_num() * (K / block) * 1024;
-    configure_tiles(rows);
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; m++) measure_row(x + m * K, &a, m);
+#pragma omp single
+    assign_tiles(&a); /* rows past a tile's last plane stay as they are: their sums are never read */
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; m++) write_planes(x + m * K, &a, m);
+    /* work item shape: A tiles x panels sharing the four sum tiles */
+    const int tiles = a.tiles >= 4 ? 4 : a.tiles >= 2 ? 2 : 1, per_item = 4 / tiles;
+    const int64_t panel_groups = (panels + per_item - 1) / per_item;
+    configure_tiles(a.rows, (int)kc);
 #pragma omp for schedule(static)
     for (int64_t g = 0; g < panel_groups; g++)
-      for (int64_t t0 = 0; t0 < row_tiles; t0 += tiles) {
+      for (int64_t t0 = 0; t0 < a.tiles; t0 += tiles) {
         const int count = panels - g * per_item < per_item ? (int)(panels - g * per_item) : per_item;
-        const int item_tiles = row_tiles - t0 < tiles ? (int)(row_tiles - t0) : tiles;
-        const int64_t nb0 = g * per_item;
+        const int item_tiles = a.tiles - t0 < tiles ? (int)(a.tiles - t0) : tiles;
         if (item_tiles == 3) { /* 3 x 1 does not fit the 2 x 2 / 4 x 1 code: split into 2 + 1 */
-          amx_item(xtiles, M, K, rows, t0, 2, w, bits, scale, scale_zero, block, xsum, my_acc, out, N, nb0, count);
-          amx_item(xtiles, M, K, rows, t0 + 2, 1, w, bits, scale, scale_zero, block, xsum, my_acc, out, N, nb0, count);
+          amx_item(&a, &wt, t0, 2, g * per_item, count);
+          amx_item(&a, &wt, t0 + 2, 1, g * per_item, count);
         } else {
-          amx_item(xtiles, M, K, rows, t0, item_tiles, w, bits, scale, scale_zero, block, xsum, my_acc, out, N, nb0,
-                   count);
+          amx_item(&a, &wt, t0, item_tiles, g * per_item, count);
         }
       }
     _tile_release();

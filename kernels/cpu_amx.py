@@ -2,10 +2,11 @@
 
 torch's packed CPU ops (`cpu-int4`, `cpu-int8`) unpack the weight again for every few rows of x
 and multiply with vector FMAs, so their cost grows linearly with M (at K = N = 2048 they lose to
-a dense bf16 matmul from M = 8). kernels/cpu_amx.c unpacks each 32x16 chunk of codes once into
-bf16 with a single OR (code | 0x4300 is 128 + code) and multiplies it on AMX tiles for up to 16
-rows of x at a time; the code offsets and zero points come out in a per-block epilogue. It needs
-AMX-BF16 and AVX512-BF16 (Sapphire Rapids and later) and a C compiler, found at first use.
+a dense bf16 matmul from M = 8). kernels/cpu_amx.c multiplies the codes as uint8 on AMX's int8
+tiles (8-bit codes straight from memory, 4-bit ones after one AND), against the bf16 activations
+split exactly enough into int8 digit planes; group scales and zero points come out in fp32 per
+block. It needs AMX-INT8 and AVX512-BF16 (Sapphire Rapids and later) and a C compiler, found at
+first use.
 """
 
 from __future__ import annotations
@@ -22,10 +23,8 @@ from kernels.groups import aligned_block
 from kernels.layouts import AWQLayout, GPTQLayout, Int8Layout
 from kernels.prepared import PreparedWeight
 
-FLAGS = ("-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16")
-CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512bw", "avx512_bf16")
-# Bf16 value of an unpacked code is offset + code: the OR's base (see cpu_amx.c).
-OFFSET = {4: 128.0, 8: 2176.0}
+FLAGS = ("-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-int8")
+CPU_FLAGS = ("amx_tile", "amx_int8", "avx512bw", "avx512_bf16")
 CHUNK_N = 256  # output columns repacked at a time (bounds load-time memory)
 
 
@@ -43,9 +42,11 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
         return None, why
     if not lib.qs_amx_init():
         return None, "Linux refused AMX tile state (arch_prctl)"
+    ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.qs_amx_linear.restype = None
-    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.qs_amx_linear.argtypes = [ptr, i64, i64, ptr, i64, ctypes.c_int, ptr, ptr, i64, ptr, ptr, ptr, ptr, ctypes.c_int]
+    lib.qs_amx_linear.argtypes = [ptr, i64, i64, ptr, i64, i32, ptr, ptr, i64, i64, ptr, ptr, i32]
+    lib.qs_amx_scratch_bytes.restype = i64
+    lib.qs_amx_scratch_bytes.argtypes = [i64, i64, i64]
     return lib, None
 
 
@@ -60,7 +61,9 @@ def available() -> str | None:
 def _block(layout, group_ids: torch.Tensor) -> int | None:
     if isinstance(layout, Int8Layout):
         return layout.in_features if layout.in_features % 32 == 0 else None
-    return aligned_block(group_ids)
+    # the largest block that stays within one group: fewer blocks, fewer int32 -> fp32 folds
+    K = layout.in_features
+    return aligned_block(group_ids, (K, 256, 128, 64, 32) if K % 32 == 0 else (256, 128, 64, 32))
 
 
 def unsupported_reason(layout, act_dtype: torch.dtype) -> str | None:
@@ -79,15 +82,20 @@ def unsupported_reason(layout, act_dtype: torch.dtype) -> str | None:
     return available()
 
 
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes [K, n] (n % 16 == 0) → the kernel's bytes, panel by panel (see cpu_amx.c)."""
+def chunk_rows(block: int) -> int:
+    """K rows per AMX tile product: 64 (an int8 tile row holds 64 bytes), 32 for 32-row blocks."""
+    return 64 if block % 64 == 0 else 32
+
+
+def pack_codes(codes: torch.Tensor, bits: int, kc: int) -> torch.Tensor:
+    """Codes [K, n] (n % 16 == 0) → the kernel's bytes, panel by panel, chunks of kc rows (see cpu_amx.c)."""
     K, n = codes.shape
     c = codes.to(torch.uint8)
-    if bits == 4:  # [kc, half, i, p, panel, col] -> [panel, kc, i, col, p] with the halves as nibbles
-        c = c.view(K // 32, 2, 8, 2, n // 16, 16).permute(4, 0, 2, 5, 3, 1)
+    if bits == 4:  # [chunk, half, i, p, panel, col] -> [panel, chunk, i, col, p] with the halves as nibbles
+        c = c.view(K // kc, 2, kc // 8, 4, n // 16, 16).permute(4, 0, 2, 5, 3, 1)
         c = c[..., 0] | (c[..., 1] << 4)
-    else:  # [kc, i, p, panel, col] -> [panel, kc, i, col, p]
-        c = c.view(K // 32, 16, 2, n // 16, 16).permute(3, 0, 1, 4, 2)
+    else:  # [chunk, i, p, panel, col] -> [panel, chunk, i, col, p]
+        c = c.view(K // kc, kc // 4, 4, n // 16, 16).permute(3, 0, 1, 4, 2)
     return c.contiguous().view(-1)
 
 
@@ -103,14 +111,16 @@ class CpuAmxWeight(PreparedWeight):
         src = int_codes(layout)
         self.bits = 8 if src.bits == 8 else 4  # 2- and 3-bit codes are 4-bit codes
         self.block = _block(layout, src.group_ids)
+        self.chunk_rows = chunk_rows(self.block)
         block_groups = src.group_ids[:: self.block]
         s = src.scales[block_groups]  # [K / block, N]
-        s_zero = s * (OFFSET[self.bits] + src.zeros[block_groups])
+        s_zero = s * src.zeros[block_groups]
 
         def by_panel(t: torch.Tensor) -> torch.Tensor:  # [blocks, N] -> [N / 16, blocks, 16]
             return t.reshape(-1, N // 16, 16).permute(1, 0, 2).contiguous()
 
-        packed = [pack_codes(src.codes_of(n0, min(N, n0 + CHUNK_N)), self.bits) for n0 in range(0, N, CHUNK_N)]
+        packed = [pack_codes(src.codes_of(n0, min(N, n0 + CHUNK_N)), self.bits, self.chunk_rows)
+                  for n0 in range(0, N, CHUNK_N)]
         self.register_buffer("packed", torch.cat(packed) if len(packed) > 1 else packed[0], persistent=False)
         self.register_buffer("scale", by_panel(s), persistent=False)
         self.register_buffer("scale_zero", by_panel(s_zero), persistent=False)
@@ -124,13 +134,10 @@ class CpuAmxWeight(PreparedWeight):
         out = torch.empty(M, N, dtype=torch.bfloat16)
         if M == 0:
             return out
-        threads, blocks = torch.get_num_threads(), K // self.block
-        rows = min(M, 16)
-        # the kernel's scratch (see qs_amx_linear): allocated here, so running out of memory raises
-        xsum = torch.empty(M, blocks, dtype=torch.float32)
-        xtiles = torch.empty(-(-M // rows) * rows * K, dtype=torch.bfloat16)
-        acc = torch.empty(threads * blocks * 1024, dtype=torch.float32)
-        _library()[0].qs_amx_linear(x.data_ptr(), M, K, self.packed.data_ptr(), N, self.bits, self.scale.data_ptr(),
-                                    self.scale_zero.data_ptr(), self.block, xsum.data_ptr(), xtiles.data_ptr(),
-                                    acc.data_ptr(), out.data_ptr(), threads)
+        lib = _library()[0]
+        # the kernel's scratch (activation planes, block sums): allocated here, so running out of memory raises
+        scratch = torch.empty(lib.qs_amx_scratch_bytes(M, K, self.block), dtype=torch.uint8)
+        lib.qs_amx_linear(x.data_ptr(), M, K, self.packed.data_ptr(), N, self.bits, self.scale.data_ptr(),
+                          self.scale_zero.data_ptr(), self.block, self.chunk_rows, scratch.data_ptr(), out.data_ptr(),
+                          torch.get_num_threads())
         return out

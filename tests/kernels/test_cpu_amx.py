@@ -48,7 +48,7 @@ def test_matches_reference(case, M):
 
 @needs_amx
 def test_auto_picks_it_and_large_activations_stay_accurate():
-    """x with magnitude 100: the 128 + q offsets cancel in fp32, not in the bf16 output."""
+    """x with magnitude 100: the zero points cancel in fp32, not in the bf16 output."""
     gen = _generator("large")
     layout = make.gptq(512, 32, 4, 64, sym=False, gen=gen)
     prepared = kernels.prepare(layout, torch.bfloat16)
@@ -57,19 +57,72 @@ def test_auto_picks_it_and_large_activations_stay_accurate():
     assert_matches_reference(kernels.linear(x, prepared), x, layout)
 
 
-def test_pack_codes_places_each_code_where_the_kernel_reads_it():
-    K, n = 64, 32
-    codes = torch.randint(0, 16, (K, n), generator=_generator("pack4"), dtype=torch.int32)
-    packed = cpu_amx.pack_codes(codes, 4).view(n // 16, K // 32, 8, 16, 2)  # [panel, kc, i, col, p]
-    for k, col in [(0, 0), (1, 0), (2, 5), (17, 3), (31, 15), (33, 20), (63, 31)]:
-        kc, r = divmod(k, 32)
-        half, rest = divmod(r, 16)
-        i, p = divmod(rest, 2)
-        byte = int(packed[col // 16, kc, i, col % 16, p])
+def _rows_with_outliers(M: int, K: int, gen: torch.Generator) -> torch.Tensor:
+    """Every third row has one element 1000x its others (max > 64 x mean: three digit planes), mixing
+    two- and three-plane rows within and across A tiles."""
+    x = torch.randn(M, K, generator=gen)
+    x[::3, 7] = 1000.0
+    return x.to(torch.bfloat16)
+
+
+@needs_amx
+@pytest.mark.parametrize("case", ["gptq4-sym-g128", "gptq8-asym-g128-actorder", "int8-perchannel-wide-K"])
+def test_outlier_rows_stay_accurate(case):
+    gen = _generator("outliers", case)
+    layout = CASES[case](gen)
+    prepared = kernels.prepare(layout, torch.bfloat16, backend="cpu-amx")
+    x = _rows_with_outliers(23, layout.in_features, gen)
+    assert_matches_reference(kernels.linear(x, prepared), x, layout)
+
+
+@needs_amx
+def test_a_rows_result_does_not_depend_on_its_batch():
+    """Digit planes are chosen per row and int32 sums are exact: alone or in any batch, the same bits."""
+    gen = _generator("batch-invariance")
+    layout = CASES["gptq4-asym-g32-actorder"](gen)
+    prepared = kernels.prepare(layout, torch.bfloat16, backend="cpu-amx")
+    x = _rows_with_outliers(37, layout.in_features, gen)
+    together = kernels.linear(x, prepared)
+    for m in (0, 1, 5, 16, 36):
+        assert torch.equal(kernels.linear(x[m:m + 1], prepared), together[m:m + 1]), m
+    assert torch.equal(kernels.linear(x[10:30], prepared), together[10:30])
+
+
+@needs_amx
+def test_extreme_and_non_finite_activations():
+    gen = _generator("extremes")
+    layout = CASES["gptq4-sym-g128"](gen)
+    prepared = kernels.prepare(layout, torch.bfloat16, backend="cpu-amx")
+    x = torch.randn(6, layout.in_features, generator=gen)
+    x[0] = 0.0
+    x[1] *= 1e30
+    x[2] *= 1e-30
+    x[3, :16] *= 1e-38  # bf16 subnormals next to normal values
+    finite = x.to(torch.bfloat16)
+    y = kernels.linear(finite, prepared)
+    assert torch.equal(y[0], torch.zeros_like(y[0]))
+    assert_matches_reference(y[1:4], finite[1:4], layout)
+    bad = finite.clone()
+    bad[4, 3], bad[5, 9] = float("inf"), float("nan")
+    y = kernels.linear(bad, prepared)
+    assert torch.isnan(y[4:]).all() and torch.equal(y[:4], kernels.linear(finite[:4], prepared))
+
+
+@pytest.mark.parametrize("kc", [64, 32])
+def test_pack_codes_places_each_code_where_the_kernel_reads_it(kc):
+    """Byte 64 i + 4 col + p of a chunk's B tile holds k = 4 i + p; 4-bit: tile rows kc / 8 and up are high nibbles."""
+    K, n = 128, 32
+    codes = torch.randint(0, 16, (K, n), generator=_generator("pack4", kc), dtype=torch.int32)
+    packed = cpu_amx.pack_codes(codes, 4, kc).view(n // 16, K // kc, kc // 8, 16, 4)  # [panel, chunk, i, col, p]
+    for k, col in [(0, 0), (1, 0), (2, 5), (17, 3), (31, 15), (33, 20), (63, 31), (100, 7), (127, 30)]:
+        chunk, r = divmod(k, kc)
+        half, rest = divmod(r, kc // 2)
+        i, p = divmod(rest, 4)
+        byte = int(packed[col // 16, chunk, i, col % 16, p])
         assert (byte >> (4 * half)) & 15 == int(codes[k, col]), (k, col)
-    codes8 = torch.randint(0, 256, (K, n), generator=_generator("pack8"), dtype=torch.int32)
-    packed8 = cpu_amx.pack_codes(codes8, 8).view(n // 16, K // 32, 16, 16, 2)
-    assert int(packed8[1, 1, 7, 3, 1]) == int(codes8[32 + 15, 16 + 3])
+    codes8 = torch.randint(0, 256, (K, n), generator=_generator("pack8", kc), dtype=torch.int32)
+    packed8 = cpu_amx.pack_codes(codes8, 8, kc).view(n // 16, K // kc, kc // 4, 16, 4)
+    assert int(packed8[1, 1, 7, 3, 1]) == int(codes8[kc + 29, 16 + 3])
 
 
 def test_refuses_what_it_cannot_run():
