@@ -33,7 +33,9 @@
 
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
+#ifndef PREFETCH_AHEAD
 #define PREFETCH_AHEAD 4     /* chunks; measured on weights streaming from DRAM: 3-10 % faster */
+#endif
 #define OUTLIER_RATIO 64.0f  /* max|x| / mean|x| above which a row takes three planes */
 
 /* Linux gives AMX's tile state to a process only on request; 1 on success. */
@@ -199,17 +201,24 @@ static inline void store_sums(int count, int32_t *dst /* [count][16 x 16] */) {
   if (count > 3) _tile_stored(6, dst + 768, 64);
 }
 
-/* totals[sum i][row r] += block b's int32 sums times the block's scales (scale: the item's first panel). */
-static inline void fold(const int32_t *sums, float *totals, int tiles, int panels, const int used[], const float *scale,
-                        int64_t nblocks, int64_t b) {
+static const float PLANE_UNIT[3] = {1.0f, 1.0f / 128, 1.0f / 16384};
+
+/* totals[sum i][row m of the tile] += block b's int32 sums, digit planes joined, times the block's
+ * scales (`scale`: the item's first panel). A tile holds at most 8 rows of x (>= 2 planes each). */
+static inline void fold(const act_t *a, const int32_t *sums, float *totals, int64_t t0, int tiles, int panels,
+                        const float *scale, int64_t nblocks, int64_t b) {
   for (int t = 0; t < tiles; t++)
     for (int p = 0; p < panels; p++) {
       const int i = t * panels + p;
       const __m512 s = _mm512_loadu_ps(scale + (p * nblocks + b) * 16);
-      for (int r = 0; r < used[t]; r++) {
-        float *dst = totals + (i * 16 + r) * 16;
-        const __m512 part = _mm512_cvtepi32_ps(_mm512_load_si512(sums + (i * 16 + r) * 16));
-        _mm512_store_ps(dst, _mm512_fmadd_ps(s, part, _mm512_load_ps(dst)));
+      const int64_t m0 = a->tile_m0[t0 + t], m1 = a->tile_m0[t0 + t + 1];
+      for (int64_t m = m0; m < m1; m++) {
+        const int32_t *row = sums + (i * 16 + a->first_row[m]) * 16;
+        __m512 v = _mm512_cvtepi32_ps(_mm512_load_si512(row));
+        for (int d = 1; d < a->planes[m]; d++)
+          v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(row + 16 * d)), _mm512_set1_ps(PLANE_UNIT[d]), v);
+        float *dst = totals + (i * 8 + (m - m0)) * 16;
+        _mm512_store_ps(dst, _mm512_fmadd_ps(s, v, _mm512_load_ps(dst)));
       }
     }
 }
@@ -232,12 +241,7 @@ static void amx_item(const act_t *a, const weight_t *wt, int64_t t0, int tiles, 
   const int sums = tiles * panels;
   _Alignas(64) uint8_t unpacked[4][2][1024]; /* 4-bit: chunk k + 1 is unpacked while k multiplies */
   _Alignas(64) int32_t block_sums[4 * 256];
-  _Alignas(64) float totals[4 * 256];
-  int used[4];
-  for (int t = 0; t < tiles; t++) {
-    const int32_t last = a->tile_m0[t0 + t + 1] - 1;
-    used[t] = a->first_row[last] + a->planes[last];
-  }
+  _Alignas(64) float totals[4 * 8 * 16];
   memset(totals, 0, sizeof totals);
   const uint8_t *wp = wt->w + nb0 * panel_bytes;
   const int four = wt->bits == 4;
@@ -277,19 +281,18 @@ static void amx_item(const act_t *a, const weight_t *wt, int64_t t0, int tiles, 
       }
     }
     store_sums(sums, block_sums);
-    fold(block_sums, totals, tiles, panels, used, wt->scale + nb0 * nblocks * 16, nblocks, b);
+    fold(a, block_sums, totals, t0, tiles, panels, wt->scale + nb0 * nblocks * 16, nblocks, b);
   }
-  const __m512 plane_unit[3] = {_mm512_set1_ps(1.0f), _mm512_set1_ps(1.0f / 128), _mm512_set1_ps(1.0f / 16384)};
   for (int t = 0; t < tiles; t++)
     for (int p = 0; p < panels; p++) {
       const float *sz = wt->scale_zero + (nb0 + p) * nblocks * 16;
       const int i = t * panels + p;
-      for (int64_t m = a->tile_m0[t0 + t]; m < a->tile_m0[t0 + t + 1]; m++) {
-        const float *row = totals + (i * 16 + a->first_row[m]) * 16;
-        __m512 q = _mm512_setzero_ps(), zero = _mm512_setzero_ps();
-        for (int d = a->planes[m] - 1; d >= 0; d--) q = _mm512_fmadd_ps(_mm512_load_ps(row + 16 * d), plane_unit[d], q);
+      const int64_t m0 = a->tile_m0[t0 + t];
+      for (int64_t m = m0; m < a->tile_m0[t0 + t + 1]; m++) {
+        __m512 zero = _mm512_setzero_ps();
         for (int64_t b = 0; b < nblocks; b++)
           zero = _mm512_fnmadd_ps(_mm512_loadu_ps(sz + b * 16), _mm512_set1_ps(a->xsum[m * nblocks + b]), zero);
+        const __m512 q = _mm512_load_ps(totals + (i * 8 + (m - m0)) * 16);
         const __m512 y = _mm512_fmadd_ps(_mm512_set1_ps(a->scale[m]), q, zero);
         _mm256_storeu_si256((__m256i *)(wt->out + m * wt->N + (nb0 + p) * 16), (__m256i)_mm512_cvtneps_pbh(y));
       }

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import threading
 
 import torch
 
@@ -125,19 +126,38 @@ class CpuAmxWeight(PreparedWeight):
         self.register_buffer("scale", by_panel(s), persistent=False)
         self.register_buffer("scale_zero", by_panel(s_zero), persistent=False)
         self.register_buffer("perm", src.perm, persistent=False)
+        # per-call constants as plain values (buffer lookups and pointer reads cost microseconds a call);
+        # the tuple holds the tensors too, so the pointers stay valid whatever happens to the buffers
+        self._call = ((self.packed, self.scale, self.scale_zero),
+                      (self.packed.data_ptr(), N, self.bits, self.scale.data_ptr(), self.scale_zero.data_ptr(),
+                       self.block, self.chunk_rows), src.perm)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.perm is not None:
-            x = x.index_select(-1, self.perm)
+        _, weight_args, perm = self._call
+        if perm is not None:
+            x = x.index_select(-1, perm)
         x = x.contiguous()
-        M, K, N = x.shape[0], self.in_features, self.out_features
-        out = torch.empty(M, N, dtype=torch.bfloat16)
+        M, K = x.shape
+        out = torch.empty(M, self.out_features, dtype=torch.bfloat16)
         if M == 0:
             return out
         lib = _library()[0]
-        # the kernel's scratch (activation planes, block sums): allocated here, so running out of memory raises
-        scratch = torch.empty(lib.qs_amx_scratch_bytes(M, K, self.block), dtype=torch.uint8)
-        lib.qs_amx_linear(x.data_ptr(), M, K, self.packed.data_ptr(), N, self.bits, self.scale.data_ptr(),
-                          self.scale_zero.data_ptr(), self.block, self.chunk_rows, scratch.data_ptr(), out.data_ptr(),
+        scratch = _scratch(lib.qs_amx_scratch_bytes(M, K, self.block))
+        lib.qs_amx_linear(x.data_ptr(), M, K, *weight_args, scratch, out.data_ptr(),
                           torch.get_num_threads())
         return out
+
+
+_thread_scratch = threading.local()
+
+
+def _scratch(nbytes: int) -> int:
+    """Address of this thread's scratch for the kernel (activation planes, block sums), grown as needed.
+
+    Allocated by torch, so that running out of memory raises here rather than crashing in C; kept
+    between calls, as a decode step makes hundreds of them.
+    """
+    buf = getattr(_thread_scratch, "buf", None)
+    if buf is None or buf.numel() < nbytes:
+        buf = _thread_scratch.buf = torch.empty(max(nbytes, 1 << 16), dtype=torch.uint8)
+    return buf.data_ptr()
