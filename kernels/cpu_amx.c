@@ -1,23 +1,25 @@
 /* Weight-only quantized GEMM on x86 AMX: y[M, N] = x[M, K] (bf16) @ W^T with 4- or 8-bit codes.
  *
- * Why it is fast: AMX multiplies int8 by uint8 with int32 sums (TDPBSUD), so 8-bit codes go from
- * memory straight into tiles, and 4-bit codes need one AND (and a shift) per byte to become them.
- * The activations become integers exactly enough: each row m is a power-of-two scale s_m times
- * planes of int8 digits,
- *     x[m, k] = s_m * (d0 + d1 / 128 + d2 / 16384),   |x| <= 127 s_m,
- * two planes for most rows (error <= s_m / 256 per element, about 2^-14 of the row's largest
- * magnitude) and a third for rows whose largest element exceeds 64 times their mean magnitude
- * (outlier channels), decided per row, so that a row's result does not depend on the batch it
- * came in. The planes are extra rows of the A tile: at M = 1 they cost nothing, as AMX tiles have
- * 16 rows anyway.
+ * Two ways through AMX, chosen by M (measured on a 2-core Xeon, K = N = 2048):
  *
- * Per quantization block the int32 tile sums are exact; the block's scale is applied to them in
- * fp32 and the zero point comes out through the block sums of x:
- *     y[m, n] = s_m * sum_b s[b, n] * C_b[m, n] - sum_b s[b, n] z[b, n] * sum_{k in b} x[m, k]
- * (`scale_zero` = s * z is precomputed at load).
+ * Digits (M <= 10; 8-bit codes: M <= 20). AMX multiplies int8 by uint8 with exact int32 sums
+ * (TDPBSUD), so 8-bit codes go from memory straight into tiles and 4-bit codes need one AND (and
+ * a shift). The activations become three int8 digit planes per row,
+ *     x[m, k] = s_m * (d0 + d1 / 128 + d2 / 16384),   s_m a power of two, |x| <= 127 s_m,
+ * exact to 2^-21 of the row's largest magnitude (two planes were measured too coarse: real
+ * activations have outlier channels, max|x| ~ 10-35 x mean|x|, and lost 0.6 % perplexity). The
+ * planes are rows of the A tile, which has 16 rows: up to M = 5 they cost nothing.
+ *
+ * Bf16 (larger M). Each code is ORed into the low mantissa of bf16 128.0, giving 128 + q exactly
+ * (8-bit codes: two planes, 2048 + 16 h and 128 + l) and x stays bf16: per weight the same
+ * number of tile products as the digit planes at M = 16 / 3, without them.
+ *
+ * Both sum per quantization block on AMX; the block's scale is applied in fp32 and the zero point
+ * (and the bf16 path's offset) comes out through the block sums of x:
+ *     y[m, n] = s_m * sum_b s[b, n] C_b[m, n] - sum_b s[b, n] (z[b, n] + offset) sum_{k in b} x[m, k]
  *
  * Packed weight, per panel of 16 output columns and chunk of kc input rows (kc = 64, or 32 for
- * 32-row blocks), in AMX's B-tile layout (tile row i, column n, byte p holds k = 4i + p):
+ * 32-row blocks), in AMX's int8 B-tile layout (tile row i, column n, byte p holds k = 4i + p):
  *   8-bit: kc * 16 bytes, the tile itself;
  *   4-bit: kc * 8 bytes, byte j holds tile byte j (low nibble) and tile byte kc * 8 + j (high).
  * Scales: float32 [N / 16][K / block][16] for s and for s * z.
@@ -33,13 +35,17 @@
 
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
-#define PREFETCH_AHEAD 4     /* chunks, into L1: measured best (2-16 ahead, into L1 or L2 only tried) */
-#define OUTLIER_RATIO 64.0f  /* max|x| / mean|x| above which a row takes three planes */
+#define PREFETCH_AHEAD 4 /* chunks, into L1: measured best (2-16 ahead, into L1 or L2 only, tried) */
+#define PLANES 3         /* digit planes per row of x */
 
 /* Linux gives AMX's tile state to a process only on request; 1 on success. */
 int qs_amx_init(void) {
   return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
 }
+
+/* The digit path's range of M: up to 2 A tiles for 4-bit codes, 4 for 8-bit ones, which skip the
+ * unpacking (measured crossovers, K = N = 2048). */
+int qs_amx_uses_digits(int64_t M, int bits) { return M <= (bits == 8 ? 20 : 10); }
 
 typedef struct {
   uint8_t palette_id;
@@ -49,33 +55,32 @@ typedef struct {
   uint8_t rows[16];
 } tile_config;
 
-/* Tiles: 0, 7 = activation planes (A, rows x kc bytes); 1, 2 = weight chunks (B, kc / 4 rows);
- * 3..6 = int32 sums (C), one per (row tile, panel) pair of the work item. */
-static void configure_tiles(int rows, int kc) {
+/* Tiles: 0, 7 = x (A: rows x 64 bytes, kc int8 digits or 32 bf16); 1, 2 = weight (B: 16 rows of
+ * 64 bytes, kc / 4 for digits); 3..6 = sums (C), one per (row tile, panel) pair of a work item. */
+static void configure_tiles(int rows, int a_bytes, int b_rows) {
   tile_config cfg;
   memset(&cfg, 0, sizeof cfg);
   cfg.palette_id = 1;
   for (int t = 0; t < 8; t++) {
     const int is_b = t == 1 || t == 2, is_a = t == 0 || t == 7;
-    cfg.rows[t] = is_b ? kc / 4 : rows;
-    cfg.colsb[t] = is_a ? kc : 64;
+    cfg.rows[t] = is_b ? b_rows : rows;
+    cfg.colsb[t] = is_a ? a_bytes : 64;
   }
   _tile_loadconfig(&cfg);
 }
 
-/* ---- activations: planes, block sums and where each row sits in the A tiles ---- */
+/* ---- activations ---- */
 
 typedef struct {
   int64_t M, K, block, kc;
-  int rows;              /* rows configured per A tile: 16, or fewer when everything fits one */
-  int64_t tiles;         /* A tiles (row tiles) */
-  float *xsum;           /* [M][K / block] */
-  float *scale;          /* [M] s_m */
-  int32_t *first_row;    /* [M] row of plane 0 within its tile */
-  int32_t *planes;       /* [M] 2 or 3 */
-  int32_t *tile_of;      /* [M] */
-  int32_t *tile_m0;      /* [tiles + 1] first row of x in each tile */
-  int8_t *xq;            /* [tiles][K / kc][rows][kc] */
+  int digits;       /* 1: int8 digit planes, 0: bf16 */
+  int planes;       /* A-tile rows per row of x: PLANES or 1 */
+  int per_tile;     /* rows of x per A tile */
+  int rows;         /* A-tile rows configured */
+  int64_t tiles;    /* A tiles */
+  float *xsum;      /* [M][K / block] */
+  float *scale;     /* [M] s_m (1 for bf16) */
+  void *xa;         /* A tiles: digits [tile][K / kc][rows][kc] int8; bf16 [tile][K / 32][rows][32] */
 } act_t;
 
 static inline __m512 bf16_to_f32(__m256i v) {
@@ -84,9 +89,10 @@ static inline __m512 bf16_to_f32(__m256i v) {
 
 static inline __m512 load_x(const uint16_t *p) { return bf16_to_f32(_mm256_loadu_si256((const __m256i *)p)); }
 
-/* Row statistics: block sums, scale and plane count. */
+/* Block sums of row m, and for digits its scale: the power of two with 63.5 s < max|x| <= 127 s
+ * (not below 2^-120, so that 1 / s stays finite). */
 static void measure_row(const uint16_t *row, const act_t *a, int64_t m) {
-  __m512 mx = _mm512_setzero_ps(), total = _mm512_setzero_ps();
+  __m512 mx = _mm512_setzero_ps();
   const int64_t nblocks = a->K / a->block;
   for (int64_t b = 0; b < nblocks; b++) {
     __m512 s = _mm512_setzero_ps();
@@ -94,50 +100,39 @@ static void measure_row(const uint16_t *row, const act_t *a, int64_t m) {
       const __m512 v = load_x(row + k);
       s = _mm512_add_ps(s, v);
       mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
-      total = _mm512_add_ps(total, _mm512_abs_ps(v));
     }
     a->xsum[m * nblocks + b] = _mm512_reduce_add_ps(s);
   }
-  const float amax = _mm512_reduce_max_ps(mx), mean = _mm512_reduce_add_ps(total) / (float)a->K;
-  float s = 1.0f; /* the power of two with 63.5 s < amax <= 127 s (not below 2^-120: 1 / s stays finite) */
-  if (!(amax <= FLT_MAX)) {
+  float s = 1.0f;
+  const float amax = _mm512_reduce_max_ps(mx);
+  if (!a->digits) {
+    s = 1.0f;
+  } else if (!(amax <= FLT_MAX)) {
     s = NAN; /* inf or NaN in the row: its outputs are NaN, as a dense matmul's would be */
   } else if (amax > 0) {
     while (amax > 127.0f * s) s *= 2.0f;
     while (amax <= 63.5f * s && s > 0x1p-120f) s *= 0.5f;
   }
   a->scale[m] = s;
-  a->planes[m] = amax > OUTLIER_RATIO * mean ? 3 : 2;
 }
 
-/* Rows into tiles in order, a row's planes never split across two tiles. */
-static void assign_tiles(act_t *a) {
-  int64_t t = 0;
-  int used = 0;
-  a->tile_m0[0] = 0;
-  for (int64_t m = 0; m < a->M; m++) {
-    if (used + a->planes[m] > 16) {
-      a->tile_m0[++t] = (int32_t)m;
-      used = 0;
-    }
-    a->tile_of[m] = (int32_t)t;
-    a->first_row[m] = used;
-    used += a->planes[m];
+/* Row m into the A tiles: digits d = round-half-up(v), v <- (v - d) * 128 (in [-64, 64), exact
+ * in fp32), or its bf16 values as they are. */
+static void write_row(const uint16_t *row, const act_t *a, int64_t m) {
+  const int64_t t = m / a->per_tile, r = (m % a->per_tile) * a->planes;
+  if (!a->digits) {
+    uint16_t *dst = (uint16_t *)a->xa + t * a->rows * a->K + r * 32;
+    for (int64_t k0 = 0; k0 < a->K; k0 += 32, dst += a->rows * 32)
+      _mm512_storeu_si512((__m512i *)dst, _mm512_loadu_si512((const __m512i *)(row + k0)));
+    return;
   }
-  a->tiles = t + 1;
-  a->tile_m0[a->tiles] = (int32_t)a->M;
-  a->rows = a->tiles == 1 ? used : 16;
-}
-
-/* Digits of row m: d = round-half-up(v), v <- (v - d) * 128 (in [-64, 64)); exact in fp32. */
-static void write_planes(const uint16_t *row, const act_t *a, int64_t m) {
   const __m512 inv = _mm512_set1_ps(1.0f / a->scale[m]), f128 = _mm512_set1_ps(128.0f), half = _mm512_set1_ps(0.5f);
-  const int64_t kc = a->kc, planes = a->planes[m];
-  int8_t *dst = a->xq + (int64_t)a->tile_of[m] * a->rows * a->K + (int64_t)a->first_row[m] * kc;
+  const int64_t kc = a->kc;
+  int8_t *dst = (int8_t *)a->xa + t * a->rows * a->K + r * kc;
   for (int64_t k0 = 0; k0 < a->K; k0 += kc, dst += a->rows * kc)
     for (int64_t k = 0; k < kc; k += 16) {
       __m512 v = _mm512_mul_ps(load_x(row + k0 + k), inv);
-      for (int p = 0; p < planes; p++) {
+      for (int p = 0; p < PLANES; p++) {
         const __m512 d = _mm512_roundscale_ps(_mm512_add_ps(v, half), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
         _mm_storeu_si128((__m128i *)(dst + p * kc + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(d)));
         v = _mm512_mul_ps(_mm512_sub_ps(v, d), f128);
@@ -145,9 +140,19 @@ static void write_planes(const uint16_t *row, const act_t *a, int64_t m) {
     }
 }
 
-/* ---- the GEMM ---- */
+/* ---- weights into B tiles ---- */
 
-static inline void unpack4(const uint8_t *src, int64_t kc, uint8_t *dst) {
+typedef struct {
+  const uint8_t *w;
+  int bits;
+  int64_t N;
+  const float *scale, *scale_zero; /* [N / 16][K / block][16] */
+  float offset;                    /* the bf16 path's code offset: 128 (4-bit) or 2176 (8-bit) */
+  uint16_t *out;
+} weight_t;
+
+/* 4-bit chunk -> the int8 B tile (kc * 16 bytes). */
+static inline void unpack_digits(const uint8_t *src, int64_t kc, uint8_t *dst) {
   const __m512i low = _mm512_set1_epi8(0x0F);
   const int64_t half = kc * 8;
   for (int64_t i = 0; i < half; i += 64) {
@@ -157,28 +162,59 @@ static inline void unpack4(const uint8_t *src, int64_t kc, uint8_t *dst) {
   }
 }
 
+/* One int8 B-tile row (16 columns x 4 k, codes < 16) -> bf16 B-tile rows 2i, 2i + 1 (16 columns x
+ * 2 k each), every code ORed into `base` (0x4300: 128 + q; 0x4500: 2048 + 16 q). */
+static inline void to_bf16_rows(__m512i codes, __m512i base, uint16_t *dst) {
+  /* per 128-bit lane, 4 columns: bytes (c, p) -> words (c, p) for p = 0, 1 and for p = 2, 3 */
+  const __m512i first = _mm512_set4_epi32(0x800d800c, 0x80098008, 0x80058004, 0x80018000);
+  const __m512i second = _mm512_set4_epi32(0x800f800e, 0x800b800a, 0x80078006, 0x80038002);
+  _mm512_store_si512((__m512i *)dst, _mm512_or_si512(_mm512_shuffle_epi8(codes, first), base));
+  _mm512_store_si512((__m512i *)(dst + 32), _mm512_or_si512(_mm512_shuffle_epi8(codes, second), base));
+}
+
+/* A chunk -> bf16 B tiles, 512 values each: 4-bit, kc / 32 tiles of 128 + q; 8-bit, kc / 32 pairs
+ * (2048 + 16 h tile, 128 + l tile), pair j at dst + 1024 j. */
+static inline void unpack_bf16(const uint8_t *src, int64_t kc, int bits, uint16_t *dst) {
+  const __m512i low = _mm512_set1_epi8(0x0F), base128 = _mm512_set1_epi16(0x4300);
+  if (bits == 4) { /* int8 row i is packed line i % (kc / 8): low nibbles for i < kc / 8 */
+    const int64_t lines = kc / 8;
+    for (int64_t i = 0; i < lines; i++) {
+      const __m512i v = _mm512_loadu_si512((const void *)(src + 64 * i));
+      to_bf16_rows(_mm512_and_si512(v, low), base128, dst + 64 * i);
+      to_bf16_rows(_mm512_and_si512(_mm512_srli_epi16(v, 4), low), base128, dst + 64 * (lines + i));
+    }
+  } else {
+    const __m512i base2048 = _mm512_set1_epi16(0x4500);
+    for (int64_t i = 0; i < kc / 4; i++) { /* int8 row i holds k 4i..4i+3: bf16 tile i / 8, rows 2(i % 8) + 0, 1 */
+      const __m512i v = _mm512_loadu_si512((const void *)(src + 64 * i));
+      uint16_t *pair = dst + 1024 * (i / 8) + 64 * (i % 8);
+      to_bf16_rows(_mm512_and_si512(_mm512_srli_epi16(v, 4), low), base2048, pair);
+      to_bf16_rows(_mm512_and_si512(v, low), base128, pair + 512);
+    }
+  }
+}
+
 static inline void prefetch_chunk(const uint8_t *chunk, int64_t chunk_bytes) {
   const char *p = (const char *)chunk + PREFETCH_AHEAD * chunk_bytes;
   for (int64_t off = 0; off < chunk_bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
 }
 
-/* Tile numbers must be constants, hence the switches. c: 0..3 (tile 3 + c); a: tile 0 or 7;
- * b: tile 1 or 2. */
-#define DP(C, A, B) \
-  case ((C - 3) * 4 + (A == 7) * 2 + (B - 1)): _tile_dpbsud(C, A, B); break
-#define DP_ALL(C) DP(C, 0, 1); DP(C, 0, 2); DP(C, 7, 1); DP(C, 7, 2)
+/* ---- tile products ---- */
 
-static inline void multiply(int c, int a, int b) {
-  switch (c * 4 + a * 2 + b) {
-    DP_ALL(3);
-    DP_ALL(4);
-    DP_ALL(5);
-    DP_ALL(6);
-  }
+/* Tile numbers must be constants, hence the switch. c: 0..3 (tile 3 + c); a: tile 0 or 7; b: tile 1 or 2. */
+#define DP(OP, C, A, B) \
+  case ((C - 3) * 4 + (A == 7) * 2 + (B - 1)): OP(C, A, B); break
+#define DP_ALL(OP, C) DP(OP, C, 0, 1); DP(OP, C, 0, 2); DP(OP, C, 7, 1); DP(OP, C, 7, 2)
+
+static inline void multiply(int digits, int c, int a, int b) {
+  if (digits)
+    switch (c * 4 + a * 2 + b) { DP_ALL(_tile_dpbsud, 3); DP_ALL(_tile_dpbsud, 4); DP_ALL(_tile_dpbsud, 5); DP_ALL(_tile_dpbsud, 6); }
+  else
+    switch (c * 4 + a * 2 + b) { DP_ALL(_tile_dpbf16ps, 3); DP_ALL(_tile_dpbf16ps, 4); DP_ALL(_tile_dpbf16ps, 5); DP_ALL(_tile_dpbf16ps, 6); }
 }
 
-static inline void load_a(int a, const int8_t *src, int64_t kc) {
-  if (a) _tile_loadd(7, src, kc); else _tile_loadd(0, src, kc);
+static inline void load_a(int a, const void *src, int64_t stride) {
+  if (a) _tile_loadd(7, src, stride); else _tile_loadd(0, src, stride);
 }
 
 static inline void load_b(int b, const void *src) {
@@ -192,70 +228,103 @@ static inline void zero_sums(int count) {
   if (count > 3) _tile_zero(6);
 }
 
-static inline void store_sums(int count, int32_t *dst /* [count][16 x 16] */) {
+static inline void store_sums(int count, void *dst /* [count][16 x 16] int32 or float */) {
   _tile_stored(3, dst, 64);
-  if (count > 1) _tile_stored(4, dst + 256, 64);
-  if (count > 2) _tile_stored(5, dst + 512, 64);
-  if (count > 3) _tile_stored(6, dst + 768, 64);
+  if (count > 1) _tile_stored(4, (char *)dst + 1024, 64);
+  if (count > 2) _tile_stored(5, (char *)dst + 2048, 64);
+  if (count > 3) _tile_stored(6, (char *)dst + 3072, 64);
 }
 
-static const float PLANE_UNIT[3] = {1.0f, 1.0f / 128, 1.0f / 16384};
+/* One K step of a work item: x tiles (A, `a_src` the first, `a_next` bytes apart) times the
+ * panels' B tiles (plane 0: b0[p]; with two planes also b1[p], into the same sums), into sums
+ * tile * panels + p. */
+static inline void products(int digits, int tiles, int panels, const char *a_src, int64_t a_next, int64_t a_row,
+                            const void *const b0[4], const void *const b1[4], int planes) {
+  if (tiles == 1) { /* one A tile, up to four panels */
+    load_a(0, a_src, a_row);
+    for (int p = 0; p < panels; p++) {
+      const int b = planes == 2 ? 0 : p & 1;
+      load_b(b, b0[p]);
+      multiply(digits, p, 0, b);
+      if (planes == 2) {
+        load_b(1, b1[p]);
+        multiply(digits, p, 0, 1);
+      }
+    }
+  } else if (panels == 2) { /* two A tiles, two panels */
+    load_a(0, a_src, a_row);
+    load_a(1, a_src + a_next, a_row);
+    for (int p = 0; p < 2; p++) {
+      const int b = planes == 2 ? 0 : p;
+      load_b(b, b0[p]);
+      if (planes == 2) load_b(1, b1[p]);
+      multiply(digits, p, 0, b);
+      multiply(digits, 2 + p, 1, b);
+      if (planes == 2) {
+        multiply(digits, p, 0, 1);
+        multiply(digits, 2 + p, 1, 1);
+      }
+    }
+  } else { /* one panel held in B, A tiles streamed */
+    load_b(0, b0[0]);
+    if (planes == 2) load_b(1, b1[0]);
+    for (int t = 0; t < tiles; t++) {
+      load_a(t & 1, a_src + t * a_next, a_row);
+      multiply(digits, t, t & 1, 0);
+      if (planes == 2) multiply(digits, t, t & 1, 1);
+    }
+  }
+}
 
-/* totals[sum i][row m of the tile] += block b's int32 sums, digit planes joined, times the block's
- * scales (`scale`: the item's first panel). A tile holds at most 8 rows of x (>= 2 planes each). */
-static inline void fold(const act_t *a, const int32_t *sums, float *totals, int64_t t0, int tiles, int panels,
+static const float PLANE_UNIT[PLANES] = {1.0f, 1.0f / 128, 1.0f / 16384};
+
+/* totals[sum i][row m of the tile] += block b's sums (digit planes joined) times the block's
+ * scales (`scale`: the item's first panel). */
+static inline void fold(const act_t *a, const void *sums, float *totals, int64_t t0, int tiles, int panels,
                         const float *scale, int64_t nblocks, int64_t b) {
-  for (int t = 0; t < tiles; t++)
+  for (int t = 0; t < tiles; t++) {
+    const int64_t count = (a->M - (t0 + t) * a->per_tile) < a->per_tile ? a->M - (t0 + t) * a->per_tile : a->per_tile;
     for (int p = 0; p < panels; p++) {
       const int i = t * panels + p;
       const __m512 s = _mm512_loadu_ps(scale + (p * nblocks + b) * 16);
-      const int64_t m0 = a->tile_m0[t0 + t], m1 = a->tile_m0[t0 + t + 1];
-      const int32_t *tile_sums = sums + i * 256;
-      float *tile_totals = totals + i * 8 * 16;
-      if (a->first_row[m1 - 1] == 2 * (m1 - 1 - m0) && a->planes[m1 - 1] == 2) { /* all rows in two planes */
-        const __m512 unit = _mm512_set1_ps(PLANE_UNIT[1]);
-        for (int64_t r = 0; r < m1 - m0; r++) {
-          const __m512 hi = _mm512_cvtepi32_ps(_mm512_load_si512(tile_sums + 32 * r));
-          const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(tile_sums + 32 * r + 16)), unit, hi);
-          _mm512_store_ps(tile_totals + 16 * r, _mm512_fmadd_ps(s, v, _mm512_load_ps(tile_totals + 16 * r)));
+      float *tot = totals + i * 256;
+      if (a->digits) {
+        const int32_t *c = (const int32_t *)sums + i * 256;
+        for (int64_t r = 0; r < count; r++) {
+          __m512 v = _mm512_cvtepi32_ps(_mm512_load_si512(c + 48 * r));
+          v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c + 48 * r + 16)), _mm512_set1_ps(PLANE_UNIT[1]), v);
+          v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c + 48 * r + 32)), _mm512_set1_ps(PLANE_UNIT[2]), v);
+          _mm512_store_ps(tot + 16 * r, _mm512_fmadd_ps(s, v, _mm512_load_ps(tot + 16 * r)));
         }
-        continue;
-      }
-      for (int64_t m = m0; m < m1; m++) {
-        const int32_t *row = sums + (i * 16 + a->first_row[m]) * 16;
-        __m512 v = _mm512_cvtepi32_ps(_mm512_load_si512(row));
-        for (int d = 1; d < a->planes[m]; d++)
-          v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(row + 16 * d)), _mm512_set1_ps(PLANE_UNIT[d]), v);
-        float *dst = totals + (i * 8 + (m - m0)) * 16;
-        _mm512_store_ps(dst, _mm512_fmadd_ps(s, v, _mm512_load_ps(dst)));
+      } else {
+        const float *c = (const float *)sums + i * 256;
+        for (int64_t r = 0; r < count; r++)
+          _mm512_store_ps(tot + 16 * r, _mm512_fmadd_ps(s, _mm512_load_ps(c + 16 * r), _mm512_load_ps(tot + 16 * r)));
       }
     }
+  }
 }
 
-typedef struct {
-  const uint8_t *w;
-  int bits;
-  int64_t N;
-  const float *scale, *scale_zero;  /* [N / 16][K / block][16] */
-  uint16_t *out;
-} weight_t;
-
-/* One work item: row tiles t0 .. t0 + tiles - 1 times panels nb0 .. nb0 + panels - 1 (16 columns
- * each), tiles * panels <= 4. Each block's int32 sums are scaled into fp32 totals right away (in
- * L1), then planes, row scales and zero points in one pass at the end. */
+/* One work item: A tiles t0 .. t0 + tiles - 1 times panels nb0 .. nb0 + panels - 1 (16 columns
+ * each), tiles * panels <= 4. Each block's sums are scaled into fp32 totals right away (in L1),
+ * then row scales and zero points in one pass at the end. */
 static void amx_item(const act_t *a, const weight_t *wt, int64_t t0, int tiles, int64_t nb0, int panels) {
-  const int64_t K = a->K, kc = a->kc, rows = a->rows, nblocks = K / a->block, chunks = K / kc;
+  const int64_t K = a->K, kc = a->kc, nblocks = K / a->block, chunks = K / kc;
   const int64_t chunks_per_block = a->block / kc;
   const int64_t chunk_bytes = wt->bits == 4 ? kc * 8 : kc * 16, panel_bytes = chunks * chunk_bytes;
-  const int sums = tiles * panels;
-  _Alignas(64) uint8_t unpacked[4][2][1024]; /* 4-bit: chunk k + 1 is unpacked while k multiplies */
-  _Alignas(64) int32_t block_sums[4 * 256];
-  _Alignas(64) float totals[4 * 8 * 16];
+  const int digits = a->digits, sums = tiles * panels, four = wt->bits == 4;
+  /* unpacked chunks, two per panel: chunk k + 1 is unpacked while k multiplies */
+  _Alignas(64) uint16_t unpacked[4][2][2048];
+  _Alignas(64) float block_sums[4 * 256];
+  _Alignas(64) float totals[4 * 256];
   memset(totals, 0, sizeof totals);
   const uint8_t *wp = wt->w + nb0 * panel_bytes;
-  const int four = wt->bits == 4;
-  if (four)
-    for (int p = 0; p < panels; p++) unpack4(wp + p * panel_bytes, kc, unpacked[p][0]);
+  const int unpack = !digits || four;
+#define UNPACK(src, dst) (digits ? unpack_digits(src, kc, (uint8_t *)(dst)) : unpack_bf16(src, kc, wt->bits, dst))
+  if (unpack)
+    for (int p = 0; p < panels; p++) UNPACK(wp + p * panel_bytes, unpacked[p][0]);
+  /* A: digits, one tile per chunk; bf16, one per 32 k (kc / 32 per chunk, each with 1 or 2 B planes) */
+  const int64_t a_row = digits ? kc : 64, a_next = a->rows * K * (digits ? 1 : 2);
   for (int64_t b = 0; b < nblocks; b++) {
     zero_sums(sums);
     for (int64_t c = 0; c < chunks_per_block; c++) {
@@ -263,96 +332,90 @@ static void amx_item(const act_t *a, const weight_t *wt, int64_t t0, int tiles, 
       for (int p = 0; p < panels; p++) {
         const uint8_t *chunk = wp + p * panel_bytes + k * chunk_bytes;
         prefetch_chunk(chunk, chunk_bytes);
-        if (four && k + 1 < chunks) unpack4(chunk + chunk_bytes, kc, unpacked[p][(k + 1) & 1]);
+        if (unpack && k + 1 < chunks) UNPACK(chunk + chunk_bytes, unpacked[p][(k + 1) & 1]);
       }
-#define B_SRC(p) (four ? (const void *)unpacked[p][k & 1] : (const void *)(wp + (p) * panel_bytes + k * chunk_bytes))
-      const int8_t *a_src = a->xq + t0 * rows * K + k * rows * kc;
-      if (tiles == 1 && panels == 4) { /* the two common shapes, with constant tile numbers (no switch) */
-        _tile_loadd(0, a_src, kc);
-        _tile_loadd(1, B_SRC(0), 64);
-        _tile_dpbsud(3, 0, 1);
-        _tile_loadd(2, B_SRC(1), 64);
-        _tile_dpbsud(4, 0, 2);
-        _tile_loadd(1, B_SRC(2), 64);
-        _tile_dpbsud(5, 0, 1);
-        _tile_loadd(2, B_SRC(3), 64);
-        _tile_dpbsud(6, 0, 2);
-      } else if (tiles == 2 && panels == 2) {
-        _tile_loadd(0, a_src, kc);
-        _tile_loadd(7, a_src + rows * K, kc);
-        _tile_loadd(1, B_SRC(0), 64);
-        _tile_dpbsud(3, 0, 1);
-        _tile_dpbsud(5, 7, 1);
-        _tile_loadd(2, B_SRC(1), 64);
-        _tile_dpbsud(4, 0, 2);
-        _tile_dpbsud(6, 7, 2);
-      } else if (tiles == 1) { /* one A tile, up to four panels */
-        load_a(0, a_src, kc);
+      const void *b0[4], *b1[4];
+      if (digits) {
+        for (int p = 0; p < panels; p++)
+          b0[p] = four ? (const void *)unpacked[p][k & 1] : (const void *)(wp + p * panel_bytes + k * chunk_bytes);
+        products(1, tiles, panels, (const char *)a->xa + t0 * a_next + k * a->rows * kc, a_next, a_row, b0, b1, 1);
+        continue;
+      }
+      for (int64_t j = 0; j < kc / 32; j++) { /* bf16: 32 k per A tile; 8-bit codes in two B planes */
         for (int p = 0; p < panels; p++) {
-          load_b(p & 1, B_SRC(p));
-          multiply(p, 0, p & 1);
+          b0[p] = unpacked[p][k & 1] + (four ? 512 * j : 1024 * j);
+          b1[p] = unpacked[p][k & 1] + 1024 * j + 512;
         }
-      } else { /* one panel held in B, A tiles streamed */
-        load_b(0, B_SRC(0));
-        for (int t = 0; t < tiles; t++) {
-          load_a(t & 1, a_src + t * rows * K, kc);
-          multiply(t, t & 1, 0);
-        }
+        const char *a_src = (const char *)a->xa + t0 * a_next + (k * (kc / 32) + j) * a->rows * 64;
+        products(0, tiles, panels, a_src, a_next, a_row, b0, b1, four ? 1 : 2);
       }
     }
     store_sums(sums, block_sums);
     fold(a, block_sums, totals, t0, tiles, panels, wt->scale + nb0 * nblocks * 16, nblocks, b);
   }
+  const float offset = digits ? 0.0f : wt->offset;
   for (int t = 0; t < tiles; t++)
     for (int p = 0; p < panels; p++) {
-      const float *sz = wt->scale_zero + (nb0 + p) * nblocks * 16;
+      const float *s = wt->scale + (nb0 + p) * nblocks * 16, *sz = wt->scale_zero + (nb0 + p) * nblocks * 16;
       const int i = t * panels + p;
-      const int64_t m0 = a->tile_m0[t0 + t];
-      for (int64_t m = m0; m < a->tile_m0[t0 + t + 1]; m++) {
+      for (int64_t r = 0; r < a->per_tile; r++) {
+        const int64_t m = (t0 + t) * a->per_tile + r;
+        if (m >= a->M) break;
         __m512 zero = _mm512_setzero_ps();
-        for (int64_t b = 0; b < nblocks; b++)
-          zero = _mm512_fnmadd_ps(_mm512_loadu_ps(sz + b * 16), _mm512_set1_ps(a->xsum[m * nblocks + b]), zero);
-        const __m512 q = _mm512_load_ps(totals + (i * 8 + (m - m0)) * 16);
-        const __m512 y = _mm512_fmadd_ps(_mm512_set1_ps(a->scale[m]), q, zero);
+        for (int64_t b = 0; b < nblocks; b++) {
+          const __m512 s_zero = _mm512_fmadd_ps(_mm512_set1_ps(offset), _mm512_loadu_ps(s + b * 16), _mm512_loadu_ps(sz + b * 16));
+          zero = _mm512_fnmadd_ps(s_zero, _mm512_set1_ps(a->xsum[m * nblocks + b]), zero);
+        }
+        const __m512 y = _mm512_fmadd_ps(_mm512_set1_ps(a->scale[m]), _mm512_load_ps(totals + i * 256 + 16 * r), zero);
         _mm256_storeu_si256((__m256i *)(wt->out + m * wt->N + (nb0 + p) * 16), (__m256i)_mm512_cvtneps_pbh(y));
       }
     }
 }
 
+/* ---- entry points ---- */
+
+static act_t plan(int64_t M, int64_t K, int64_t block, int64_t kc, int bits) {
+  act_t a = {.M = M, .K = K, .block = block, .kc = kc, .digits = qs_amx_uses_digits(M, bits)};
+  a.planes = a.digits ? PLANES : 1;
+  a.per_tile = a.digits ? 16 / PLANES : 16;
+  if (a.per_tile > M) a.per_tile = (int)M;
+  a.rows = a.per_tile * a.planes;
+  a.tiles = (M + a.per_tile - 1) / a.per_tile;
+  return a;
+}
+
 /* Bytes of scratch qs_amx_linear needs (the caller allocates it, so that running out of memory is
  * a Python error, not a crash here). */
-int64_t qs_amx_scratch_bytes(int64_t M, int64_t K, int64_t block) {
-  const int64_t max_tiles = (3 * M + 13) / 14 + 1; /* every full tile holds >= 14 rows */
-  return 64 + M * (K / block) * 4 + M * 16 + (max_tiles + 1) * 4 + 64 + max_tiles * 16 * K;
+int64_t qs_amx_scratch_bytes(int64_t M, int64_t K, int64_t block, int64_t kc, int bits) {
+  const act_t a = plan(M, K, block, kc, bits);
+  return M * (K / block) * 4 + M * 4 + 64 + a.tiles * a.rows * K * (a.digits ? 1 : 2);
 }
 
 /* y = x @ W^T. x, y bf16 row-major. Needs K % kc == 0, block % kc == 0, K % block == 0 (kc: 64,
  * or 32 for blocks of 32), N % 16 == 0, bits 4 (codes 0..15) or 8 (0..255). */
 void qs_amx_linear(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, int bits, const float *scale,
                    const float *scale_zero, int64_t block, int64_t kc, void *scratch, uint16_t *out, int threads) {
-  act_t a = {.M = M, .K = K, .block = block, .kc = kc};
+  act_t a = plan(M, K, block, kc, bits);
   char *s = (char *)scratch;
-  a.xsum = (float *)s; s += M * (K / block) * 4;
-  a.scale = (float *)s; s += M * 4;
-  a.first_row = (int32_t *)s; s += M * 4;
-  a.planes = (int32_t *)s; s += M * 4;
-  a.tile_of = (int32_t *)s; s += M * 4;
-  a.tile_m0 = (int32_t *)s; s += ((3 * M + 13) / 14 + 2) * 4;
-  a.xq = (int8_t *)(((uintptr_t)s + 63) & ~(uintptr_t)63);
-  const weight_t wt = {.w = w, .bits = bits, .N = N, .scale = scale, .scale_zero = scale_zero, .out = out};
+  a.xsum = (float *)s;
+  s += M * (K / block) * 4;
+  a.scale = (float *)s;
+  s += M * 4;
+  a.xa = (void *)(((uintptr_t)s + 63) & ~(uintptr_t)63);
+  const weight_t wt = {.w = w, .bits = bits, .N = N, .scale = scale, .scale_zero = scale_zero,
+                       .offset = bits == 4 ? 128.0f : 2176.0f, .out = out};
   const int64_t panels = N / 16;
+  /* work item shape: A tiles x panels sharing the four sum tiles */
+  const int tiles = a.tiles >= 4 ? 4 : a.tiles >= 2 ? 2 : 1, per_item = 4 / tiles;
+  const int64_t panel_groups = (panels + per_item - 1) / per_item;
 #pragma omp parallel num_threads(threads)
   {
 #pragma omp for schedule(static)
-    for (int64_t m = 0; m < M; m++) measure_row(x + m * K, &a, m);
-#pragma omp single
-    assign_tiles(&a); /* rows past a tile's last plane stay as they are: their sums are never read */
-#pragma omp for schedule(static)
-    for (int64_t m = 0; m < M; m++) write_planes(x + m * K, &a, m);
-    /* work item shape: A tiles x panels sharing the four sum tiles */
-    const int tiles = a.tiles >= 4 ? 4 : a.tiles >= 2 ? 2 : 1, per_item = 4 / tiles;
-    const int64_t panel_groups = (panels + per_item - 1) / per_item;
-    configure_tiles(a.rows, (int)kc);
+    for (int64_t m = 0; m < M; m++) {
+      measure_row(x + m * K, &a, m);
+      write_row(x + m * K, &a, m); /* A-tile rows past the last row of x stay as they are: their sums are never read */
+    }
+    configure_tiles(a.rows, a.digits ? (int)kc : 64, a.digits ? (int)kc / 4 : 16);
 #pragma omp for schedule(static)
     for (int64_t g = 0; g < panel_groups; g++)
       for (int64_t t0 = 0; t0 < a.tiles; t0 += tiles) {

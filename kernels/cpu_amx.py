@@ -24,8 +24,9 @@ from kernels.groups import aligned_block
 from kernels.layouts import AWQLayout, GPTQLayout, Int8Layout
 from kernels.prepared import PreparedWeight
 
-FLAGS = ("-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-int8")
-CPU_FLAGS = ("amx_tile", "amx_int8", "avx512bw", "avx512_bf16")
+FLAGS = ("-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-int8",
+         "-mamx-bf16")
+CPU_FLAGS = ("amx_tile", "amx_int8", "amx_bf16", "avx512bw", "avx512_bf16")
 CHUNK_N = 256  # output columns repacked at a time (bounds load-time memory)
 
 
@@ -47,7 +48,9 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
     lib.qs_amx_linear.restype = None
     lib.qs_amx_linear.argtypes = [ptr, i64, i64, ptr, i64, i32, ptr, ptr, i64, i64, ptr, ptr, i32]
     lib.qs_amx_scratch_bytes.restype = i64
-    lib.qs_amx_scratch_bytes.argtypes = [i64, i64, i64]
+    lib.qs_amx_scratch_bytes.argtypes = [i64, i64, i64, i64, i32]
+    lib.qs_amx_uses_digits.restype = i32
+    lib.qs_amx_uses_digits.argtypes = [i64, i32]
     return lib, None
 
 
@@ -142,7 +145,7 @@ class CpuAmxWeight(PreparedWeight):
         if M == 0:
             return out
         lib = _library()[0]
-        scratch = _scratch(lib.qs_amx_scratch_bytes(M, K, self.block))
+        scratch = _scratch(lib.qs_amx_scratch_bytes(M, K, self.block, self.chunk_rows, self.bits))
         lib.qs_amx_linear(x.data_ptr(), M, K, *weight_args, scratch, out.data_ptr(),
                           torch.get_num_threads())
         return out
