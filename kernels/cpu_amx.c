@@ -194,9 +194,16 @@ static inline void unpack_bf16(const uint8_t *src, int64_t kc, int bits, uint16_
   }
 }
 
-static inline void prefetch_chunk(const uint8_t *chunk, int64_t chunk_bytes) {
+/* Request the chunk PREFETCH_AHEAD chunks on into L1; an item with one panel streams only one run
+ * of weight, and L1's few fill buffers then limit how much is in flight: it also asks L2 for the
+ * chunk 16 on (measured from DRAM, 8-bit at M = 16: 330 -> 250 us; with more panels, slower). */
+static inline void prefetch_chunk(const uint8_t *chunk, int64_t chunk_bytes, int one_stream) {
   const char *p = (const char *)chunk + PREFETCH_AHEAD * chunk_bytes;
   for (int64_t off = 0; off < chunk_bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+  if (one_stream) {
+    const char *q = (const char *)chunk + 16 * chunk_bytes;
+    for (int64_t off = 0; off < chunk_bytes; off += 64) _mm_prefetch(q + off, _MM_HINT_T1);
+  }
 }
 
 /* ---- tile products ---- */
@@ -331,7 +338,7 @@ static void amx_item(const act_t *a, const weight_t *wt, int64_t t0, int tiles, 
       const int64_t k = b * chunks_per_block + c;
       for (int p = 0; p < panels; p++) {
         const uint8_t *chunk = wp + p * panel_bytes + k * chunk_bytes;
-        prefetch_chunk(chunk, chunk_bytes);
+        prefetch_chunk(chunk, chunk_bytes, panels == 1);
         if (unpack && k + 1 < chunks) UNPACK(chunk + chunk_bytes, unpacked[p][(k + 1) & 1]);
       }
       const void *b0[4], *b1[4];
