@@ -11,8 +11,8 @@
  * planes are rows of the A tile, which has 16 rows: up to M = 5 they cost nothing.
  *
  * Bf16 (larger M). Each code is ORed into the low mantissa of bf16 128.0, giving 128 + q exactly
- * (8-bit codes: two planes, 2048 + 16 h and 128 + l) and x stays bf16: per weight the same
- * number of tile products as the digit planes at M = 16 / 3, without them.
+ * (8-bit codes: two planes, 2048 + 16 h and 128 + l), and x stays bf16 as it is: from there on
+ * cheaper than digit planes, which triple the rows of x that every weight tile meets.
  *
  * Both sum per quantization block on AMX; the block's scale is applied in fp32 and the zero point
  * (and the bf16 path's offset) comes out through the block sums of x:
@@ -45,7 +45,7 @@ int qs_amx_init(void) {
 
 /* The digit path's range of M: up to 2 A tiles for 4-bit codes, 4 for 8-bit ones, which skip the
  * unpacking (measured crossovers, K = N = 2048). */
-int qs_amx_uses_digits(int64_t M, int bits) { return M <= (bits == 8 ? 20 : 10); }
+static int uses_digits(int64_t M, int bits) { return M <= (bits == 8 ? 20 : 10); }
 
 typedef struct {
   uint8_t palette_id;
@@ -382,7 +382,7 @@ static void amx_item(const act_t *a, const weight_t *wt, int64_t t0, int tiles, 
 /* ---- entry points ---- */
 
 static act_t plan(int64_t M, int64_t K, int64_t block, int64_t kc, int bits) {
-  act_t a = {.M = M, .K = K, .block = block, .kc = kc, .digits = qs_amx_uses_digits(M, bits)};
+  act_t a = {.M = M, .K = K, .block = block, .kc = kc, .digits = uses_digits(M, bits)};
   a.planes = a.digits ? PLANES : 1;
   a.per_tile = a.digits ? 16 / PLANES : 16;
   if (a.per_tile > M) a.per_tile = (int)M;

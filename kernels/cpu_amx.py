@@ -2,11 +2,12 @@
 
 torch's packed CPU ops (`cpu-int4`, `cpu-int8`) unpack the weight again for every few rows of x
 and multiply with vector FMAs, so their cost grows linearly with M (at K = N = 2048 they lose to
-a dense bf16 matmul from M = 8). kernels/cpu_amx.c multiplies the codes as uint8 on AMX's int8
-tiles (8-bit codes straight from memory, 4-bit ones after one AND), against the bf16 activations
-split exactly enough into int8 digit planes; group scales and zero points come out in fp32 per
-block. It needs AMX-INT8 and AVX512-BF16 (Sapphire Rapids and later) and a C compiler, found at
-first use.
+a dense bf16 matmul from M = 8). kernels/cpu_amx.c keeps the codes in AMX's int8 tile layout and
+multiplies them two ways: for few rows of x, as uint8 on int8 tiles against three exact-enough
+int8 digit planes of x (8-bit codes go from memory straight into the tiles); for more rows, ORed
+into bf16 128.0 (128 + q) on bf16 tiles against x itself. Group scales and zero points come out
+in fp32 per block. It needs AMX-INT8, AMX-BF16 and AVX512-BF16 (Sapphire Rapids and later) and a
+C compiler, found at first use.
 """
 
 from __future__ import annotations
@@ -49,8 +50,6 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
     lib.qs_amx_linear.argtypes = [ptr, i64, i64, ptr, i64, i32, ptr, ptr, i64, i64, ptr, ptr, i32]
     lib.qs_amx_scratch_bytes.restype = i64
     lib.qs_amx_scratch_bytes.argtypes = [i64, i64, i64, i64, i32]
-    lib.qs_amx_uses_digits.restype = i32
-    lib.qs_amx_uses_digits.argtypes = [i64, i32]
     return lib, None
 
 
