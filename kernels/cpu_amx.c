@@ -413,7 +413,7 @@ void qs_amx_linear(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, in
                        .offset = bits == 4 ? 128.0f : 2176.0f, .out = out};
   const int64_t panels = N / 16;
   /* work item shape: A tiles x panels sharing the four sum tiles */
-  const int tiles = a.tiles >= 4 ? 4 : a.tiles >= 2 ? 2 : 1, per_item = 4 / tiles;
+  const int tiles = a.tiles >= 4 ? 4 : (int)a.tiles, per_item = 4 / tiles; /* 1 x 4, 2 x 2, 3 x 1, 4 x 1 */
   const int64_t panel_groups = (panels + per_item - 1) / per_item;
 #pragma omp parallel num_threads(threads)
   {
@@ -428,12 +428,7 @@ void qs_amx_linear(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, in
       for (int64_t t0 = 0; t0 < a.tiles; t0 += tiles) {
         const int count = panels - g * per_item < per_item ? (int)(panels - g * per_item) : per_item;
         const int item_tiles = a.tiles - t0 < tiles ? (int)(a.tiles - t0) : tiles;
-        if (item_tiles == 3) { /* 3 x 1 does not fit the 2 x 2 / 4 x 1 code: split into 2 + 1 */
-          amx_item(&a, &wt, t0, 2, g * per_item, count);
-          amx_item(&a, &wt, t0 + 2, 1, g * per_item, count);
-        } else {
-          amx_item(&a, &wt, t0, item_tiles, g * per_item, count);
-        }
+        amx_item(&a, &wt, t0, item_tiles, g * per_item, count);
       }
     _tile_release();
   }
