@@ -103,13 +103,11 @@ static void measure_row(const uint16_t *row, const act_t *a, int64_t m) {
     }
     a->xsum[m * nblocks + b] = _mm512_reduce_add_ps(s);
   }
-  float s = 1.0f;
+  float s = 1.0f; /* bf16 rows keep 1 */
   const float amax = _mm512_reduce_max_ps(mx);
-  if (!a->digits) {
-    s = 1.0f;
-  } else if (!(amax <= FLT_MAX)) {
+  if (a->digits && !(amax <= FLT_MAX)) {
     s = NAN; /* inf or NaN in the row: its outputs are NaN, as a dense matmul's would be */
-  } else if (amax > 0) {
+  } else if (a->digits && amax > 0) {
     while (amax > 127.0f * s) s *= 2.0f;
     while (amax <= 63.5f * s && s > 0x1p-120f) s *= 0.5f;
   }
