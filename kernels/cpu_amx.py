@@ -25,9 +25,9 @@ from kernels.groups import aligned_block
 from kernels.layouts import AWQLayout, GPTQLayout, Int8Layout
 from kernels.prepared import PreparedWeight
 
-FLAGS = ("-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-int8",
-         "-mamx-bf16")
-CPU_FLAGS = ("amx_tile", "amx_int8", "amx_bf16", "avx512bw", "avx512_bf16")
+FLAGS = ("-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vbmi", "-mamx-tile",
+         "-mamx-int8", "-mamx-bf16")
+CPU_FLAGS = ("amx_tile", "amx_int8", "amx_bf16", "avx512bw", "avx512_bf16", "avx512vbmi")
 CHUNK_N = 256  # output columns repacked at a time (bounds load-time memory)
 
 
@@ -49,7 +49,7 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
     lib.qs_amx_linear.restype = None
     lib.qs_amx_linear.argtypes = [ptr, i64, i64, ptr, i64, i32, ptr, ptr, i64, i64, ptr, ptr, i32]
     lib.qs_amx_scratch_bytes.restype = i64
-    lib.qs_amx_scratch_bytes.argtypes = [i64, i64, i64, i64, i32]
+    lib.qs_amx_scratch_bytes.argtypes = [i64, i64, i64, i64]
     return lib, None
 
 
@@ -133,6 +133,7 @@ class CpuAmxWeight(PreparedWeight):
         self._call = ((self.packed, self.scale, self.scale_zero),
                       (self.packed.data_ptr(), N, self.bits, self.scale.data_ptr(), self.scale_zero.data_ptr(),
                        self.block, self.chunk_rows), src.perm)
+        self._scratch_bytes: dict[int, int] = {}  # by M
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         _, weight_args, perm = self._call
@@ -144,7 +145,10 @@ class CpuAmxWeight(PreparedWeight):
         if M == 0:
             return out
         lib = _library()[0]
-        scratch = _scratch(lib.qs_amx_scratch_bytes(M, K, self.block, self.chunk_rows, self.bits))
+        nbytes = self._scratch_bytes.get(M)
+        if nbytes is None:
+            nbytes = self._scratch_bytes[M] = lib.qs_amx_scratch_bytes(M, K, self.block, self.chunk_rows)
+        scratch = _scratch(nbytes)
         lib.qs_amx_linear(x.data_ptr(), M, K, *weight_args, scratch, out.data_ptr(),
                           torch.get_num_threads())
         return out

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -35,6 +36,15 @@ def compiler() -> str | None:
     return None
 
 
+def _source_with_includes(src: Path) -> bytes:
+    """The source's bytes and those of the local headers it includes (#include "..."), recursively:
+    the cache key must change when any of them does."""
+    text = src.read_bytes()
+    for name in re.findall(rb'^\s*#include\s+"([^"]+)"', text, flags=re.M):
+        text += _source_with_includes(src.parent / name.decode())
+    return text
+
+
 @functools.cache
 def load(source: str, flags: tuple[str, ...]) -> tuple[ctypes.CDLL | None, str | None]:
     """(library, None) or (None, why not) for kernels/<source> compiled with `flags`."""
@@ -42,7 +52,7 @@ def load(source: str, flags: tuple[str, ...]) -> tuple[ctypes.CDLL | None, str |
     if cc is None:
         return None, "no C compiler (set CC, or install gcc)"
     src = SOURCE_DIR / source
-    text = src.read_bytes()
+    text = _source_with_includes(src)
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     key = hashlib.sha256(text + repr((flags, version)).encode()).hexdigest()[:16]
     target = cache_dir() / f"{src.stem}-{key}.so"

@@ -22,11 +22,15 @@ CASES = {
                                                 first_group=3, gen=g),
     "gptq3-asym-g64-actorder": lambda g: make.gptq(256, 32, 3, 64, sym=False, act_order=True, gen=g),
     "gptq2-sym-g32": lambda g: make.gptq(256, 32, 2, 32, gen=g),
+    # K = 32 mod 64: chunks of 32 rows, the activations' last 32 values on their own
+    "gptq4-g32-odd-K": lambda g: make.gptq(160, 32, 4, 32, sym=False, gen=g),
     "gptq8-asym-g128-actorder": lambda g: make.gptq(256, 48, 8, 128, sym=False, act_order=True, gen=g),
     "gptq8-sym-perchannel": lambda g: make.gptq(256, 48, 8, 256, gen=g),
     "awq-g128": lambda g: make.awq(256, 48, 128, gen=g),
     # one block of K rows (2048 > any group run): the per-channel int8 path; a few 16-column panels
     "int8-perchannel-wide-K": lambda g: make.int8(2048, 64, gen=g),
+    # the default model's K: a block of 9 chunks (spans of 3 in the plane-major path)
+    "int8-perchannel-K576": lambda g: make.int8(576, 48, gen=g),
     "gptq4-g128-wide-K": lambda g: make.gptq(2048, 80, 4, 128, sym=False, gen=g),
 }
 
@@ -36,8 +40,8 @@ def _generator(*key) -> torch.Generator:
 
 
 @needs_amx
-# digits (M <= 10, 8-bit codes M <= 20): one A tile up to M = 5, then 2-4; bf16 beyond: 1, 2, 3 (2 + 1), 5 tiles
-@pytest.mark.parametrize("M", [1, 2, 5, 6, 10, 11, 20, 21, 40, 70])
+# digits (M <= 16): one A tile up to M = 8, then a tile per plane; bf16 beyond: 2, 3, 5 tiles
+@pytest.mark.parametrize("M", [1, 2, 7, 8, 9, 13, 16, 17, 40, 70])
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_reference(case, M):
     gen = _generator(case, M)
@@ -66,7 +70,7 @@ def _rows_with_outliers(M: int, K: int, gen: torch.Generator) -> torch.Tensor:
 
 
 @needs_amx
-@pytest.mark.parametrize("M", [3, 23])  # digit planes, bf16
+@pytest.mark.parametrize("M", [3, 12, 23])  # digit planes (one tile, a tile per plane), bf16
 @pytest.mark.parametrize("case", ["gptq4-sym-g128", "gptq8-asym-g128-actorder", "int8-perchannel-wide-K"])
 def test_outlier_rows_stay_accurate(case, M):
     gen = _generator("outliers", case, M)
@@ -79,22 +83,23 @@ def test_outlier_rows_stay_accurate(case, M):
 @needs_amx
 def test_a_rows_result_does_not_depend_on_its_batch_within_a_path():
     """Rows are scaled one by one and tile sums are per row: alone or in a batch that takes the
-    same path (digits up to M = 10 for 4-bit codes, bf16 beyond), the same bits."""
+    same path (digits up to M = 16, in one A tile or a tile per plane; bf16 beyond), the same bits."""
     gen = _generator("batch-invariance")
     layout = CASES["gptq4-asym-g32-actorder"](gen)
     prepared = kernels.prepare(layout, torch.bfloat16, backend="cpu-amx")
-    x = _rows_with_outliers(37, layout.in_features, gen)
-    ten = kernels.linear(x[:10], prepared)
-    for m in (0, 4, 9):
-        assert torch.equal(kernels.linear(x[m:m + 1], prepared), ten[m:m + 1]), m
-    assert torch.equal(kernels.linear(x[2:7], prepared), ten[2:7])
+    x = _rows_with_outliers(40, layout.in_features, gen)
+    sixteen = kernels.linear(x[:16], prepared)
+    for m in (0, 4, 15):
+        assert torch.equal(kernels.linear(x[m:m + 1], prepared), sixteen[m:m + 1]), m
+    assert torch.equal(kernels.linear(x[2:10], prepared), sixteen[2:10])
+    assert torch.equal(kernels.linear(x[3:14], prepared), sixteen[3:14])
     together = kernels.linear(x, prepared)
-    assert torch.equal(kernels.linear(x[10:30], prepared), together[10:30])
-    assert torch.equal(kernels.linear(x[20:31], prepared), together[20:31])
+    assert torch.equal(kernels.linear(x[16:33], prepared), together[16:33])
+    assert torch.equal(kernels.linear(x[20:40], prepared), together[20:40])
 
 
 @needs_amx
-@pytest.mark.parametrize("M", [6, 12])  # digit planes, bf16 (4-bit codes)
+@pytest.mark.parametrize("M", [6, 12, 20])  # digit planes (one tile, a tile per plane), bf16
 def test_extreme_and_non_finite_activations(M):
     gen = _generator("extremes", M)
     layout = CASES["gptq4-sym-g128"](gen)
@@ -148,3 +153,26 @@ def test_a_failed_build_is_a_reason_not_an_error(monkeypatch, tmp_path):
     lib, why = native_build.load.__wrapped__("cpu_amx.c", ("-DQSHARD_TEST_BROKEN_BUILD", "-fno-such-flag"))
     assert lib is None and "failed" in why and "no-such-flag" in why
     assert not list((tmp_path / "kernels").glob("*.tmp"))
+
+
+@needs_amx
+@pytest.mark.parametrize("M", [1, 12, 20])  # digits in one tile, a tile per plane, bf16
+def test_a_block_longer_than_a_fold_takes_its_zero_points_once(M):
+    """Per-channel asymmetric codes with K = 10240: the int32 sums are folded at row 8192 and at
+    10240 (a fold spans at most 8192 rows), the block's zero-point term only once."""
+    gen = _generator("long-block", M)
+    layout = make.gptq(10240, 32, 4, 10240, sym=False, gen=gen)
+    prepared = kernels.prepare(layout, torch.bfloat16, backend="cpu-amx")
+    x = torch.randn(M, layout.in_features, generator=gen).to(torch.bfloat16)
+    assert_matches_reference(kernels.linear(x, prepared), x, layout)
+
+
+def test_the_build_key_covers_the_included_headers(tmp_path):
+    (tmp_path / "inc").mkdir()
+    (tmp_path / "main.c").write_text('#include <stdint.h>\n#include "inc/a.h"\nint f(void) { return A; }\n')
+    (tmp_path / "inc" / "a.h").write_text('#include "b.h"\n')
+    (tmp_path / "inc" / "b.h").write_text("#define A 1\n")
+    before = native_build._source_with_includes(tmp_path / "main.c")
+    (tmp_path / "inc" / "b.h").write_text("#define A 2\n")
+    after = native_build._source_with_includes(tmp_path / "main.c")
+    assert before != after and after.endswith(b"#define A 2\n")
