@@ -3,11 +3,11 @@
 torch's packed CPU ops (`cpu-int4`, `cpu-int8`) unpack the weight again for every few rows of x
 and multiply with vector FMAs, so their cost grows linearly with M (at K = N = 2048 they lose to
 a dense bf16 matmul from M = 8). kernels/cpu_amx.c keeps the codes in AMX's int8 tile layout and
-multiplies them two ways: for few rows of x, as uint8 on int8 tiles against three exact-enough
-int8 digit planes of x (8-bit codes go from memory straight into the tiles); for more rows, ORed
-into bf16 128.0 (128 + q) on bf16 tiles against x itself. Group scales and zero points come out
-in fp32 per block. It needs AMX-INT8, AMX-BF16 and AVX512-BF16 (Sapphire Rapids and later) and a
-C compiler, found at first use.
+multiplies them two ways: up to 16 rows of x, as uint8 on int8 tiles against two int8 digit
+planes of x (within 2^-16 of each row's largest value; 8-bit codes go from memory straight into
+the tiles); for more rows, ORed into bf16 128.0 (128 + q) on bf16 tiles against x itself. Group
+scales and zero points come out in fp32 per block. It needs AMX-INT8, AMX-BF16, AVX512-BF16 and
+AVX512-VBMI (Sapphire Rapids and later) and a C compiler, found at first use.
 """
 
 from __future__ import annotations
