@@ -81,7 +81,7 @@ typedef struct {
   int per_tile;     /* rows of x per A tile */
   int rows;         /* A-tile rows configured */
   int64_t tiles;    /* A tiles */
-  float *xsum;      /* [M][K / block], in units of the row's scale */
+  float *xsum;      /* [M][K / block]: block sums of x (digits: of its digits, in units of s_m) */
   float *scale;     /* [M] s_m (1 for bf16) */
   void *xa;         /* A tiles: digits [tile][K / kc][rows][kc] int8 (plane-major: [K / kc][plane][rows][kc]);
                        bf16 [tile][K / 32][rows][32] */

@@ -12,6 +12,8 @@ from tests.kernels.kernel_checks import assert_matches_reference
 
 import kernels
 from kernels import cpu_amx, native_build
+from kernels.layouts import GPTQLayout
+from tests.kernels.kernel_factories import pack_int32
 
 needs_amx = pytest.mark.skipif(cpu_amx.available() is not None, reason=f"AMX kernel unavailable: {cpu_amx.available()}")
 
@@ -176,3 +178,25 @@ def test_the_build_key_covers_the_included_headers(tmp_path):
     (tmp_path / "inc" / "b.h").write_text("#define A 2\n")
     after = native_build._source_with_includes(tmp_path / "main.c")
     assert before != after and after.endswith(b"#define A 2\n")
+
+
+@needs_amx
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("M", [1, 12, 20])  # digits in one tile, a tile per plane, bf16
+def test_codes_at_their_zero_point_give_zero(bits, M):
+    """W = s (q - z) = 0: the zero-point term must cancel the products exactly. It takes the block
+    sums of x as the products saw them (the digits' sums, not x's): with x's own sums the digits'
+    rounding came back multiplied by z (8-bit, z = 128: |y| up to 0.07, 6e-5 of what cancels)."""
+    gen = _generator("zero-weight", bits, M)
+    K, N = 512, 32
+    q = torch.full((K, N), 2 ** (bits - 1), dtype=torch.int64)  # symmetric: z = 2^(bits - 1)
+    scales = (torch.rand(K // 128, N, generator=gen) * 0.02 + 0.01).half()
+    layout = GPTQLayout(qweight=pack_int32(q, bits, 0), scales=scales, qzeros=None, g_idx=None, bits=bits,
+                        group_size=128, in_features=K, out_features=N)
+    prepared = kernels.prepare(layout, torch.bfloat16, backend="cpu-amx")
+    x = torch.randn(M, K, generator=gen)
+    x[:, 7] = 30.0
+    x = x.to(torch.bfloat16)
+    y = kernels.linear(x, prepared).float()
+    cancelled = 2 ** (bits - 1) * scales.float().max() * x.float().abs().sum(1, keepdim=True)
+    assert (y.abs() <= 1e-6 * cancelled).all(), (y.abs() / cancelled).max()
