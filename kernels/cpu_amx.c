@@ -139,12 +139,6 @@ void qs_amx_linear(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, in
   /* work item shape: A tiles x panels sharing the four sum tiles */
   const int tiles = a.tiles >= 4 ? 4 : (int)a.tiles, per_item = 4 / tiles; /* 1 x 4, 2 x 2, 3 x 1, 4 x 1 */
   const int64_t panel_groups = (panels + per_item - 1) / per_item;
-  /* plane-major items: up to MAX_ITEM_PANELS panels, as many items as a multiple of the threads */
-  int64_t plane_items = (panels + MAX_ITEM_PANELS - 1) / MAX_ITEM_PANELS;
-  plane_items = (plane_items + threads - 1) / threads * threads;
-  if (plane_items > panels) plane_items = panels;
-  const int plane_panels = (int)((panels + plane_items - 1) / plane_items);
-  plane_items = (panels + plane_panels - 1) / plane_panels;
 #pragma omp parallel num_threads(threads)
   {
 #pragma omp for schedule(static)
@@ -153,12 +147,12 @@ void qs_amx_linear(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, in
       write_row(x + m * K, &a, m); /* A-tile rows past the last row of x stay as they are: their sums are never read */
     }
     configure_tiles(a.rows, a.digits ? (int)kc : 64, a.digits ? (int)kc / 4 : 16);
-    if (a.plane_major) {
-#pragma omp for schedule(static)
-      for (int64_t g = 0; g < plane_items; g++) {
-        const int64_t nb0 = g * plane_panels;
-        planes_item(&a, &wt, nb0, panels - nb0 < plane_panels ? (int)(panels - nb0) : plane_panels);
-      }
+    if (a.plane_major) { /* an even share of the panels per thread, in items of up to MAX_ITEM_PANELS */
+      const int64_t team = omp_get_num_threads(), share = ((panels + team - 1) / team + 1) / 2 * 2;
+      const int64_t lo = omp_get_thread_num() * share < panels ? omp_get_thread_num() * share : panels;
+      const int64_t hi = lo + share < panels ? lo + share : panels;
+      for (int64_t nb0 = lo; nb0 < hi; nb0 += MAX_ITEM_PANELS)
+        planes_item(&a, &wt, nb0, hi - nb0 < MAX_ITEM_PANELS ? (int)(hi - nb0) : MAX_ITEM_PANELS);
     } else
 #pragma omp for schedule(static)
     for (int64_t g = 0; g < panel_groups; g++)

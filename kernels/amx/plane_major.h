@@ -1,7 +1,7 @@
 /* Work items for plane-major digit tiles (9 <= M <= 16).
  * Part of cpu_amx.c, which includes it after its types and constants. */
 
-#define MAX_ITEM_PANELS 8
+#define MAX_ITEM_PANELS 4 /* measured: 4 to 8% faster than 8 or 16 for long blocks, the same for short */
 #define SPAN_BYTES 256
 
 /* Plane-major digits (more rows of x than one A tile holds with their planes, up to 16): A tile
