@@ -20,7 +20,7 @@ static void measure_row(const uint16_t *row, const act_t *a, int64_t m) {
     for (int64_t k = b * a->block; k < (b + 1) * a->block; k += 32) {
       __m512 even, odd;
       load_x32(row + k, &even, &odd);
-      sum = _mm512_add_ps(sum, _mm512_add_ps(even, odd));
+      if (!a->digits) sum = _mm512_add_ps(sum, _mm512_add_ps(even, odd));
       mx = _mm512_max_ps(mx, _mm512_max_ps(_mm512_abs_ps(even), _mm512_abs_ps(odd)));
       nan |= _mm512_cmp_ps_mask(even, odd, _CMP_UNORD_Q);
     }

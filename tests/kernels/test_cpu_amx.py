@@ -200,3 +200,24 @@ def test_codes_at_their_zero_point_give_zero(bits, M):
     y = kernels.linear(x, prepared).float()
     cancelled = 2 ** (bits - 1) * scales.float().max() * x.float().abs().sum(1, keepdim=True)
     assert (y.abs() <= 1e-6 * cancelled).all(), (y.abs() / cancelled).max()
+
+
+@needs_amx
+@pytest.mark.parametrize("M", [1, 12, 20])  # digits in one tile, a tile per plane, bf16
+def test_the_thread_count_does_not_change_the_result(M):
+    """Threads split the output panels (36 here: 18 each for two, 12 for three); every panel is
+    computed the same way whichever thread takes it."""
+    gen = _generator("threads", M)
+    layout = make.gptq(256, 576, 4, 64, sym=False, gen=gen)
+    prepared = kernels.prepare(layout, torch.bfloat16, backend="cpu-amx")
+    x = torch.randn(M, layout.in_features, generator=gen).to(torch.bfloat16)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(kernels.linear(x, prepared))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+    assert_matches_reference(results[0], x, layout)
