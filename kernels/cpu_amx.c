@@ -115,36 +115,60 @@ static act_t plan(int64_t M, int64_t K, int64_t block, int64_t kc) {
   return a;
 }
 
+/* Bytes of one copy of the activations: block sums, row scales, A tiles (64-byte aligned). */
+static int64_t act_bytes(const act_t *a) {
+  return (a->M * (a->K / a->block) * 4 + a->M * 4 + 63) / 64 * 64 + a->tiles * a->rows * a->K * (a->digits ? 1 : 2);
+}
+
+/* The digit path's few rows are prepared by every thread for itself: a copy shared between the
+ * cores costs cross-core transfers and a barrier (M = 16: 7-10 us against 5 to make them all). */
+static int copies(const act_t *a, int threads) { return a->digits ? threads : 1; }
+
 /* Bytes of scratch qs_amx_linear needs (the caller allocates it, so that running out of memory is
  * a Python error, not a crash here). */
-int64_t qs_amx_scratch_bytes(int64_t M, int64_t K, int64_t block, int64_t kc) {
+int64_t qs_amx_scratch_bytes(int64_t M, int64_t K, int64_t block, int64_t kc, int threads) {
   const act_t a = plan(M, K, block, kc);
-  return M * (K / block) * 4 + M * 4 + 64 + a.tiles * a.rows * K * (a.digits ? 1 : 2);
+  return 64 + copies(&a, threads) * act_bytes(&a);
+}
+
+/* Point a's arrays at copy i of the scratch. */
+static void place(act_t *a, void *scratch, int i) {
+  char *s = (char *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63) + i * act_bytes(a);
+  a->xsum = (float *)s;
+  a->scale = (float *)(s + a->M * (a->K / a->block) * 4);
+  a->xa = s + (a->M * (a->K / a->block) * 4 + a->M * 4 + 63) / 64 * 64;
 }
 
 /* y = x @ W^T. x, y bf16 row-major. Needs K % kc == 0, block % kc == 0, K % block == 0 (kc: 64,
- * or 32 for blocks of 32), N % 16 == 0, bits 4 (codes 0..15) or 8 (0..255). */
+ * or 32 for blocks of 32), N % 16 == 0, bits 4 (codes 0..15) or 8 (0..255); scratch of
+ * qs_amx_scratch_bytes(M, K, block, kc, threads) bytes. */
 void qs_amx_linear(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, int bits, const float *scale,
                    const float *scale_zero, int64_t block, int64_t kc, void *scratch, uint16_t *out, int threads) {
-  act_t a = plan(M, K, block, kc);
-  char *s = (char *)scratch;
-  a.xsum = (float *)s;
-  s += M * (K / block) * 4;
-  a.scale = (float *)s;
-  s += M * 4;
-  a.xa = (void *)(((uintptr_t)s + 63) & ~(uintptr_t)63);
+  act_t shared = plan(M, K, block, kc);
+  place(&shared, scratch, 0);
   const weight_t wt = {.w = w, .bits = bits, .N = N, .scale = scale, .scale_zero = scale_zero,
                        .offset = bits == 4 ? 128.0f : 2176.0f, .out = out};
+  const act_t a = shared; /* the shape; each thread's arrays are set in the parallel region */
   const int64_t panels = N / 16;
   /* work item shape: A tiles x panels sharing the four sum tiles */
   const int tiles = a.tiles >= 4 ? 4 : (int)a.tiles, per_item = 4 / tiles; /* 1 x 4, 2 x 2, 3 x 1, 4 x 1 */
   const int64_t panel_groups = (panels + per_item - 1) / per_item;
+  const int own_copy = copies(&shared, threads) > 1;
 #pragma omp parallel num_threads(threads)
   {
+    act_t a = shared;
+    if (own_copy) { /* every row into this thread's copy: no barrier */
+      place(&a, scratch, omp_get_thread_num());
+      for (int64_t m = 0; m < M; m++) {
+        measure_row(x + m * K, &a, m);
+        write_row(x + m * K, &a, m);
+      }
+    } else {
 #pragma omp for schedule(static)
-    for (int64_t m = 0; m < M; m++) {
-      measure_row(x + m * K, &a, m);
-      write_row(x + m * K, &a, m); /* A-tile rows past the last row of x stay as they are: their sums are never read */
+      for (int64_t m = 0; m < M; m++) {
+        measure_row(x + m * K, &a, m);
+        write_row(x + m * K, &a, m); /* A-tile rows past the last row of x stay as they are: their sums are never read */
+      }
     }
     configure_tiles(a.rows, a.digits ? (int)kc : 64, a.digits ? (int)kc / 4 : 16);
     if (a.plane_major) { /* an even share of the panels per thread, in items of up to MAX_ITEM_PANELS */

@@ -49,7 +49,7 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
     lib.qs_amx_linear.restype = None
     lib.qs_amx_linear.argtypes = [ptr, i64, i64, ptr, i64, i32, ptr, ptr, i64, i64, ptr, ptr, i32]
     lib.qs_amx_scratch_bytes.restype = i64
-    lib.qs_amx_scratch_bytes.argtypes = [i64, i64, i64, i64]
+    lib.qs_amx_scratch_bytes.argtypes = [i64, i64, i64, i64, i32]
     return lib, None
 
 
@@ -133,7 +133,7 @@ class CpuAmxWeight(PreparedWeight):
         self._call = ((self.packed, self.scale, self.scale_zero),
                       (self.packed.data_ptr(), N, self.bits, self.scale.data_ptr(), self.scale_zero.data_ptr(),
                        self.block, self.chunk_rows), src.perm)
-        self._scratch_bytes: dict[int, int] = {}  # by M
+        self._scratch_bytes: dict[tuple[int, int], int] = {}  # by (M, threads)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         _, weight_args, perm = self._call
@@ -145,12 +145,11 @@ class CpuAmxWeight(PreparedWeight):
         if M == 0:
             return out
         lib = _library()[0]
-        nbytes = self._scratch_bytes.get(M)
+        threads = torch.get_num_threads()
+        nbytes = self._scratch_bytes.get((M, threads))
         if nbytes is None:
-            nbytes = self._scratch_bytes[M] = lib.qs_amx_scratch_bytes(M, K, self.block, self.chunk_rows)
-        scratch = _scratch(nbytes)
-        lib.qs_amx_linear(x.data_ptr(), M, K, *weight_args, scratch, out.data_ptr(),
-                          torch.get_num_threads())
+            nbytes = self._scratch_bytes[M, threads] = lib.qs_amx_scratch_bytes(M, K, self.block, self.chunk_rows, threads)
+        lib.qs_amx_linear(x.data_ptr(), M, K, *weight_args, _scratch(nbytes), out.data_ptr(), threads)
         return out
 
 

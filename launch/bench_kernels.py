@@ -35,6 +35,7 @@ M_ALL = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 FORMATS = {  # name -> (kind, bits, group_size, sym, act_order)
     "gptq4": ("gptq", 4, 128, True, False),
     "gptq4-act": ("gptq", 4, 128, False, True),
+    "gptq4-ch": ("gptq", 4, -1, True, False),
     "awq4": ("awq", 4, 128, False, False),
     "gptq8": ("gptq", 8, 128, True, False),
     "gptq8-ch": ("gptq", 8, -1, True, False),
