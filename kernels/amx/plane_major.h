@@ -4,13 +4,6 @@
 #define MAX_ITEM_PANELS 4 /* measured: 4 to 8% faster than 8 or 16 for long blocks, the same for short */
 #define SPAN_BYTES 256
 
-/* Plane-major digits (more rows of x than one A tile holds with their planes, up to 16): A tile
- * 0 holds digit plane 0 of every row, tile 7 plane 1. An item walks its panels two at a time
- * (tiles 1, 2), span by span, so that the span's x tiles stay in L1 while the weight streams past
- * (walking K panel by panel instead, x came from L2 for every weight tile: M = 16 took 1.4-1.8x
- * as long). The steps are pipelined: while AMX multiplies step i, the vector units unpack step
- * i + 1's 4-bit codes and fold step i - 1's sums (tiles 3, 4 and 5, 6) into the fp32 totals.
- * Spans within one fold (long blocks) carry their int32 sums in memory instead of folding. */
 /* What a span's end means for its sums: fold them (else carry them to the next span), into which
  * block's totals, and with the block's zero-point term or not. */
 typedef struct {
@@ -32,6 +25,13 @@ typedef struct {
   const uint8_t *w; /* panel p's weight for the span */
 } step_t;
 
+/* Plane-major digits (more rows of x than one A tile holds with their planes, up to 16): A tile
+ * 0 holds digit plane 0 of every row, tile 7 plane 1. An item walks its panels two at a time
+ * (tiles 1, 2), span by span, so that the span's x tiles stay in L1 while the weight streams past
+ * (the earlier design walked K per item and read x from L2 for every weight tile: M = 16 took
+ * 1.4-1.8x as long). The steps are pipelined: while AMX multiplies step i, the vector units
+ * unpack step i + 1's 4-bit codes and fold step i - 1's sums (tiles 3, 4 and 5, 6) into the fp32
+ * totals. Spans within one fold (long blocks) carry their int32 sums in memory instead. */
 static void planes_item(const act_t *a, const weight_t *wt, int64_t nb0, int panels) {
   const int64_t K = a->K, kc = a->kc, nblocks = K / a->block, chunks = K / kc;
   const int64_t chunk_bytes = wt->bits == 4 ? kc * 8 : kc * 16, panel_bytes = chunks * chunk_bytes;
