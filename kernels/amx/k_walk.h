@@ -1,4 +1,5 @@
-/* Work items that walk K for up to four (A tile, panel) pairs: one A tile of digits (M <= 8) or bf16 tiles (M > 16).
+/* Work items that walk K for up to four (A tile, panel) pairs: one A tile of digits (M <= 8) or
+ * bf16 tiles (M > 16).
  * Part of cpu_amx.c, which includes it after its types and constants. */
 
 /* Tile numbers must be constants, hence the switch. c: 0..3 (tile 3 + c); a: tile 0 or 7; b: tile 1 or 2. */
