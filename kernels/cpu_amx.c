@@ -148,15 +148,14 @@ void qs_amx_linear(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, in
   place(&shared, scratch, 0);
   const weight_t wt = {.w = w, .bits = bits, .N = N, .scale = scale, .scale_zero = scale_zero,
                        .offset = bits == 4 ? 128.0f : 2176.0f, .out = out};
-  const act_t a = shared; /* the shape; each thread's arrays are set in the parallel region */
   const int64_t panels = N / 16;
   /* work item shape: A tiles x panels sharing the four sum tiles */
-  const int tiles = a.tiles >= 4 ? 4 : (int)a.tiles, per_item = 4 / tiles; /* 1 x 4, 2 x 2, 3 x 1, 4 x 1 */
+  const int tiles = shared.tiles >= 4 ? 4 : (int)shared.tiles, per_item = 4 / tiles; /* 1 x 4, 2 x 2, 3 x 1, 4 x 1 */
   const int64_t panel_groups = (panels + per_item - 1) / per_item;
   const int own_copy = copies(&shared, threads) > 1;
 #pragma omp parallel num_threads(threads)
   {
-    act_t a = shared;
+    act_t a = shared; /* this thread's: its own copy of the rows on the digit path */
     if (own_copy) { /* every row into this thread's copy: no barrier */
       place(&a, scratch, omp_get_thread_num());
       for (int64_t m = 0; m < M; m++) {
