@@ -21,11 +21,12 @@ from engine.weights import Weights
 from parallel.state import single_process
 from quant import get_loader
 from quant.calibrate.pipeline import CalibratedLinear, LinearPart
+from kernels.errors import QShardError
 
 logger = logging.getLogger(__name__)
 
 
-class AlreadyQuantizedError(ValueError):
+class AlreadyQuantizedError(QShardError, ValueError):
     """The model directory holds a quantized checkpoint: calibration needs the float one."""
 
 

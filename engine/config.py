@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from kernels.errors import QShardError
 
 logger = logging.getLogger(__name__)
 
 
-class ConfigError(ValueError):
+class ConfigError(QShardError, ValueError):
     """config.json is missing, malformed or describes something qshard does not run."""
 
 

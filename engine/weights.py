@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from parallel.sharding import Axis, Role, ShardingError, column_shard, read_shard
+from kernels.errors import QShardError
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ _KEEP_DTYPES = {torch.float8_e4m3fn, torch.float8_e5m2}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(QShardError, ValueError):
     """A checkpoint file is missing, corrupt, truncated or lacks a tensor; the message names it."""
 
 

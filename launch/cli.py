@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+
+from kernels.errors import QShardError
 
 # subcommand -> (module, help); `bench` has its own sub-subcommands
 COMMANDS = {
@@ -24,6 +27,8 @@ BENCH = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qshard", description="tensor-parallel, quantization-native LLM inference")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of an error too (also QSHARD_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
@@ -46,14 +51,32 @@ def _add(p: argparse.ArgumentParser, module: str) -> None:
         p.set_defaults(_missing=module)
 
 
+def debug_requested(args: argparse.Namespace | None = None) -> bool:
+    return bool(getattr(args, "debug", False)) or os.environ.get("QSHARD_DEBUG", "") not in ("", "0")
+
+
+def report_error(error: BaseException, debug: bool) -> int:
+    """qshard's own errors as one `error:` line (exit 2); with debug, the traceback first."""
+    if debug:
+        import traceback
+
+        traceback.print_exception(error, file=sys.stderr)
+    message = " ".join(str(error).split("\n")[0].split()) or type(error).__name__
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if getattr(args, "_missing", None):
-        print(f"qshard: {args._missing} is not available in this build", file=sys.stderr)
+        print(f"error: {args._missing} is not available in this build", file=sys.stderr)
         return 2
-    return int(importlib.import_module(args._module).run(args) or 0)
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except QShardError as e:
+        return report_error(e, debug_requested(args))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import tempfile
+from kernels.errors import QShardError
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +22,7 @@ NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST":
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
-class RayClusterError(RuntimeError):
+class RayClusterError(QShardError, RuntimeError):
     """Ray is missing, unreachable, or too small for the request; the message says which."""
 
 

@@ -26,6 +26,7 @@ from typing import Protocol, Sequence
 import torch
 
 from kernels.packing import pack_int32, packed_size, run_shape, unpack_int32
+from kernels.errors import QShardError
 
 
 class Layout(enum.Enum):
@@ -78,7 +79,7 @@ class TensorSource(Protocol):
     def read(self, name: str, index: tuple[slice, ...]) -> torch.Tensor: ...
 
 
-class ShardingError(ValueError):
+class ShardingError(QShardError, ValueError):
     """A tensor or layer cannot be split as asked; the message names it."""
 
 

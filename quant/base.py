@@ -20,9 +20,10 @@ from torch import nn
 import kernels
 
 from parallel.sharding import LinearShard, TensorSource
+from kernels.errors import QShardError
 
 
-class QuantConfigError(ValueError):
+class QuantConfigError(QShardError, ValueError):
     """A quantization_config field or a quantized tensor is unsupported or inconsistent."""
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.packing import packed_size, run_shape, unpack_int32
+from kernels.errors import QShardError
 
 EXL2_BITS = (8, 6, 5, 4, 3, 2)
 SCALE_BITS = 4
@@ -36,7 +37,7 @@ COLUMN_PAD = 32  # exllamav2 pads N to a multiple of 32 in q_weight and q_scale
 LAYOUT_BITS = (2, 3, 4, 8)  # GPTQLayout widths the kernels run
 
 
-class Exl2FormatError(ValueError):
+class Exl2FormatError(QShardError, ValueError):
     """exl2 tensors that contradict each other; the message names the tensor and values."""
 
 

@@ -14,9 +14,10 @@ import os
 
 from engine.engine_config import EngineConfig
 from engine.step import StepInput, StepOutput
+from kernels.errors import QShardError
 
 
-class WorkerFailure(RuntimeError):
+class WorkerFailure(QShardError, RuntimeError):
     """A rank died or stopped answering; the message names it (`ranks` lists them when known)."""
 
     def __init__(self, message: str, ranks: list[int] | None = None):
