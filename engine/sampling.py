@@ -1,10 +1,8 @@
-"""Sampling parameters and the sampler (run on rank 0, over the full vocabulary)."""
+"""Sampling parameters of a request (the sampler that applies them is engine.sampler)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-import torch
 
 
 @dataclass
@@ -13,6 +11,7 @@ class SamplingParams:
     temperature: float = 1.0  # 0 → greedy
     top_k: int = -1  # -1 or 0 → off
     top_p: float = 1.0
+    min_p: float = 0.0  # drop tokens below min_p x the top token's probability
     seed: int | None = None
     stop: list[str] | str | None = None
     stop_token_ids: list[int] = field(default_factory=list)
@@ -29,6 +28,7 @@ class SamplingParams:
             (isinstance(self.temperature, (int, float)) and self.temperature >= 0, "temperature", "a number >= 0"),
             (isinstance(self.top_k, int) and self.top_k >= -1, "top_k", "-1 (off) or an integer >= 0"),
             (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "top_p", "in (0, 1]"),
+            (isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1, "min_p", "in [0, 1]"),
             (self.seed is None or isinstance(self.seed, int), "seed", "an integer or None"),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "non-empty strings"),
             (self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
@@ -41,59 +41,3 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
-
-
-class Sampler:
-    """Picks the next token of each sequence; seeded requests get their own generator."""
-
-    def __init__(self, seed: int = 0):
-        self.default_generator = torch.Generator().manual_seed(seed)
-        self.generators: dict[int, torch.Generator] = {}
-
-    def forget(self, seq_id: int) -> None:
-        self.generators.pop(seq_id, None)
-
-    def sample(self, logits: torch.Tensor, seq_ids: list[int], params: list[SamplingParams]):
-        """logits [B, V] → (token ids [B], per-sequence logprob dicts or None)."""
-        logits = logits.float().cpu()
-        tokens = logits.argmax(dim=-1)
-        for row, (seq_id, p) in enumerate(zip(seq_ids, params)):
-            if not p.greedy:
-                tokens[row] = self._draw(logits[row], p, self._generator(seq_id, p))
-        logprobs = None
-        if any(p.logprobs is not None for p in params):
-            lp = torch.log_softmax(logits, dim=-1)
-            logprobs = []
-            for row, p in enumerate(params):
-                if p.logprobs is None:
-                    logprobs.append(None)
-                    continue
-                chosen = int(tokens[row])
-                entry = {chosen: float(lp[row, chosen])}
-                if p.logprobs:
-                    top = lp[row].topk(p.logprobs)
-                    entry.update({int(t): float(v) for t, v in zip(top.indices, top.values)})
-                logprobs.append(entry)
-        return tokens.tolist(), logprobs
-
-    def _generator(self, seq_id: int, p: SamplingParams) -> torch.Generator:
-        if p.seed is None:
-            return self.default_generator
-        if seq_id not in self.generators:
-            self.generators[seq_id] = torch.Generator().manual_seed(p.seed)
-        return self.generators[seq_id]
-
-    @staticmethod
-    def _draw(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> int:
-        logits = logits / p.temperature
-        if p.top_k > 0 and p.top_k < logits.numel():
-            kth = logits.topk(p.top_k).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if p.top_p < 1.0:
-            sorted_logits, order = logits.sort(descending=True)
-            cumulative = sorted_logits.softmax(-1).cumsum(-1)
-            # keep the smallest prefix whose mass reaches top_p (the top token always stays)
-            drop = cumulative - sorted_logits.softmax(-1) >= p.top_p
-            logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-        probs = logits.softmax(-1)
-        return int(torch.multinomial(probs, 1, generator=generator))

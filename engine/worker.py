@@ -18,7 +18,7 @@ from engine.cuda_graph import DecodeGraphs
 from engine.engine_config import EngineConfig
 from engine.kv_cache import KVCache
 from engine.models import model_class
-from engine.sampling import Sampler
+from engine.sampler import Sampler
 from engine.step import StepInput, StepOutput
 from engine.weights import Weights
 from parallel.state import ParallelContext
