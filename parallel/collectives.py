@@ -117,6 +117,24 @@ def _all_gather(x: torch.Tensor, ctx: ParallelContext, dim: int) -> torch.Tensor
     return torch.cat(parts, dim=dim)
 
 
+def gather_to_rank0(x: torch.Tensor, ctx: ParallelContext, dim: int = -1) -> torch.Tensor | None:
+    """Every rank's x concatenated along `dim` on rank 0 (all ranks pass the same shape); None on the
+    others. For what only rank 0 reads (the logits it samples from): 1/TP of an all-gather's traffic."""
+    if ctx.world_size == 1:
+        return x
+    if _timer is not None:
+        with _timer.measure("gather", x.device):
+            return _gather_to_rank0(x, ctx, dim)
+    return _gather_to_rank0(x, ctx, dim)
+
+
+def _gather_to_rank0(x: torch.Tensor, ctx: ParallelContext, dim: int) -> torch.Tensor | None:
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(ctx.world_size)] if ctx.rank == 0 else None
+    dist.gather(x, parts, group=ctx.group, group_dst=0)
+    return torch.cat(parts, dim=dim) if parts is not None else None
+
+
 def broadcast_int64(values: torch.Tensor | None, ctx: ParallelContext, src: int = 0) -> torch.Tensor:
     """Send a 1-d int64 CPU tensor of any length from `src` to every rank over the control group."""
     length = torch.tensor([0 if values is None else values.numel()], dtype=torch.int64)

@@ -2,7 +2,8 @@
 
 The vocabulary is split into equal ranges of ceil(V / TP) rows (the last rank zero-padded). The
 embedding looks up the ids that fall in the rank's range and all-reduces; the LM head computes
-logits for the rank's range and all-gathers them. A tied head reuses the embedding's shard.
+logits for the rank's range and gathers them to rank 0, the only rank that samples (a gather, not
+an all-gather: the other ranks never read them). A tied head reuses the embedding's shard.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parallel.collectives import all_gather, all_reduce
+from parallel.collectives import all_reduce, gather_to_rank0
 from parallel.sharding import Axis, Block, Layout, LinearShard, Role, TensorSource, column_shard, read_shard
 from parallel.state import ParallelContext
 
@@ -55,7 +56,8 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(nn.Module):
-    """Logits over the whole vocabulary on every rank (the driver samples from them)."""
+    """Logits over the whole vocabulary on rank 0 (the driver samples from them); on the other ranks
+    an empty [..., 0] tensor, so callers (CUDA-graph capture included) still get a tensor."""
 
     def __init__(self, prefix: str | None, vocab_size: int, hidden_size: int, weights: TensorSource,
                  ctx: ParallelContext, tied_to: VocabParallelEmbedding | None = None, loader=None):
@@ -77,5 +79,7 @@ class ParallelLMHead(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.quantized(hidden) if self.quantized is not None else F.linear(hidden, self.weight)
         if self.ctx.world_size > 1:
-            logits = all_gather(logits, self.ctx, dim=-1)
+            logits = gather_to_rank0(logits, self.ctx, dim=-1)
+            if logits is None:
+                return hidden.new_empty((*hidden.shape[:-1], 0))
         return logits[..., : self.vocab_size]
