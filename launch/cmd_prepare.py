@@ -8,7 +8,7 @@ from engine.default_model import prepare_default
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--force", action="store_true", help="convert again even if already converted")
+    p.add_argument("--force", action="store_true", help="convert again even if already converted (replaces only the cache's own model directory)")
 
 
 def run(args) -> int:

@@ -4,7 +4,10 @@
         --calib FILE --samples 64 --seqlen 256 --format gptq -o OUT
 
 Calibration runs block by block on qshard's own model (engine.calibration); the checkpoint is
-written by quant.export with the format's Packer. Ends with the per-layer loss table.
+written by quant.export with the format's Packer. The output path is checked before anything is
+read (quant.output_dir: an existing non-empty -o needs --overwrite, one that is, contains or lies
+inside the input model never is replaced). Ends with one summary line; --report adds the
+per-layer loss table.
 """
 
 from __future__ import annotations
@@ -12,12 +15,12 @@ from __future__ import annotations
 import argparse
 import logging
 import random
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from kernels.errors import InputError
 from launch.texts import DEFAULT_CALIBRATION_TEXT, calibration_samples, read_text
 from quant.calibrate.args import ACTORDERS, OBSERVERS, SUPPORTED_BITS, QuantArgs
 
@@ -50,7 +53,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="scale/zero of each group: minmax, or mse (range shrunk to minimise the group's "
                         "rounding error, as original GPTQ's mse=True)")
     p.add_argument("--format", choices=FORMATS, default="gptq", help="checkpoint format written")
-    p.add_argument("-o", "--output", type=Path, required=True, help="output model directory")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="output model directory (new, or empty; an existing one needs --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing non-empty output directory (atomically, at the end; never the "
+                        "input model or a directory that contains it)")
+    p.add_argument("--report", action="store_true", help="print the per-layer loss table at the end")
     p.add_argument("--skip", action="append", default=[],
                    help="leave layers whose name contains this in float (repeatable; lm_head always is)")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean diag(H) (0.01)")
@@ -65,20 +73,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
-def run(args) -> int:
-    try:
-        return _run(args)
-    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
-        print(f"qshard quantize: error: {e}", file=sys.stderr)
-        return 2
-
-
 def calibration_windows(token_ids: list[int], num_samples: int, seqlen: int, seed: int | None) -> list[list[int]]:
     """`num_samples` windows of `seqlen` tokens: evenly spaced (seed None), or at start positions
     drawn uniformly with Python's `random.Random(seed)` (portable: the same windows on any machine
     and in any venv), sorted, so that other calibration sets of the same text can be compared."""
     if seed is None or num_samples < 1 or len(token_ids) < seqlen:
-        return calibration_samples(token_ids, num_samples, seqlen)  # also the input errors
+        try:
+            return calibration_samples(token_ids, num_samples, seqlen)  # also the input errors
+        except ValueError as e:
+            raise InputError(str(e)) from None
     draw = random.Random(seed)
     starts = sorted(draw.randrange(len(token_ids) - seqlen + 1) for _ in range(num_samples))
     return [token_ids[s:s + seqlen] for s in starts]
@@ -106,38 +109,51 @@ def check_group_size(cfg, args: QuantArgs) -> None:
         try:
             args.columns_per_group(k)
         except ValueError as e:
-            raise ValueError(f"--group-size {args.group_size}: {e} ({what} of this model)") from None
+            raise InputError(f"--group-size {args.group_size}: {e} ({what} of this model)") from None
 
 
-def _run(args) -> int:
+def calibration_text(path: Path) -> str:
+    """The calibration text, its file errors as InputError (one `error:` line in the CLI)."""
+    try:
+        return read_text(path, "calibration text")
+    except (ValueError, FileNotFoundError) as e:
+        raise InputError(f"--calib: {e}") from None
+
+
+def run(args) -> int:
     from engine.calibration import LlamaCalibrationTarget
     from engine.config import ModelConfig
+    from engine.default_model import default_model_dir
     from engine.llm import load_tokenizer, resolve_model_path
+    from engine.weights import CheckpointError
     from quant.calibrate.pipeline import calibrate
     from quant.export import check_not_quantized, export_quantized
+    from quant.output_dir import check_output_dir
 
     began = time.perf_counter()
     qargs = QuantArgs(bits=args.bits, group_size=args.group_size, sym=args.sym, actorder=args.act_order,
                       observer=args.observer)
+    # the output is checked before anything is read or converted (the default model's directory
+    # is known before it is made)
+    check_output_dir(args.output, overwrite=args.overwrite,
+                     inputs=(default_model_dir() if str(args.model) == "default" else Path(args.model),))
     model_dir = resolve_model_path(args.model)
     cfg = ModelConfig.from_dir(model_dir)
     check_not_quantized(model_dir)
     check_group_size(cfg, qargs)
     if args.samples < 1 or args.seqlen < 2:
-        raise ValueError(f"--samples must be >= 1 and --seqlen >= 2 (got {args.samples}, {args.seqlen})")
+        raise InputError(f"--samples must be >= 1 and --seqlen >= 2 (got {args.samples}, {args.seqlen})")
     ignore = ["lm_head"] + [s for s in args.skip if s != "lm_head"]
     packer = make_packer(args.format, qargs, args.true_sequential, args.damp,
                          ["lm_head"] + [f"re:.*{s.replace('.', '[.]')}.*" for s in ignore[1:]])
-    if Path(args.output).resolve() == Path(model_dir).resolve():
-        raise ValueError(f"--output {args.output} is the input model directory; choose another")
 
     samples = None
     if args.method == "gptq":
         calib_path = args.calib or DEFAULT_CALIBRATION_TEXT
         tokenizer = load_tokenizer(Path(model_dir))
         if tokenizer is None:
-            raise ValueError(f"{model_dir} has no tokenizer to cut the calibration text into tokens")
-        ids = tokenizer(read_text(calib_path, "calibration text"))["input_ids"]
+            raise InputError(f"{model_dir} has no tokenizer to cut the calibration text into tokens")
+        ids = tokenizer(calibration_text(calib_path))["input_ids"]
         samples = calibration_windows(ids, args.samples, args.seqlen, args.calib_seed)
         logger.info("calibration: %d samples x %d tokens from %s (%d tokens, %s windows)", len(samples),
                     args.seqlen, calib_path, len(ids),
@@ -152,16 +168,17 @@ def _run(args) -> int:
     def quantized(prefix: str, weight: torch.Tensor):
         r = result.results[prefix]
         if tuple(r.codes.shape) != tuple(weight.shape):
-            raise ValueError(f"{prefix}: calibrated shape {tuple(r.codes.shape)} != checkpoint {tuple(weight.shape)}")
+            raise CheckpointError(f"{prefix}: calibrated shape {tuple(r.codes.shape)} != checkpoint {tuple(weight.shape)}")
         return r
 
     export_quantized(model_dir, args.output, packer, quantized, skip=ignore, dtype=_DTYPES[args.scale_dtype],
-                     progress=args.progress)
-    print(result.loss_table())
+                     progress=args.progress, overwrite=args.overwrite)
+    if args.report:
+        print(result.loss_table())
     if result.skipped:
         print(f"left in float: {', '.join(result.skipped)}")
     fmt = args.format + (f" ({'gptq' if qargs.sym else 'gptq_v2'})" if args.format == "gptq" else " (pack-quantized)")
     print(f"{args.method} {qargs.bits}-bit group {qargs.group_size} {'sym' if qargs.sym else 'asym'} "
           f"act-order {qargs.actorder} observer {qargs.observer} -> {args.output} [{fmt}]; "
-          f"calibration {result.seconds:.1f}s, total {time.perf_counter() - began:.1f}s")
+          f"{result.summary()}; calibration {result.seconds:.1f}s, total {time.perf_counter() - began:.1f}s")
     return 0

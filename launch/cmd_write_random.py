@@ -5,7 +5,9 @@
 For throughput and memory benchmarks that must read a real checkpoint from disk (`--shape` in
 `qshard bench throughput` makes the weights in place instead). The tensors are those of
 `engine.dummy.DummyWeights` (valid packed codes, small scales), written one at a time into files of
-at most --shard-gb with a `model.safetensors.index.json`, so memory stays at one tensor.
+at most --shard-gb with a `model.safetensors.index.json`, so memory stays at one tensor. Written
+like every qshard output (quant.output_dir): into a temporary directory renamed into place, and an
+existing non-empty -o only replaced with --overwrite.
 """
 
 from __future__ import annotations
@@ -28,24 +30,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, default=None, help="override the number of decoder layers")
     p.add_argument("--shard-gb", type=float, default=4.0, help="largest safetensors file, GB (default 4)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("-o", "--output", type=Path, required=True, help="output model directory")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="output model directory (new, or empty; an existing one needs --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing non-empty output directory (atomically, at the end)")
 
 
 def write_random(shape: str, quant: str, out_dir: Path, dtype: str = "float16", layers: int | None = None,
-                 shard_bytes: int = 4 << 30, seed: int = 0, progress: bool = True) -> int:
-    """Write config.json and the tensors of a named shape; returns the tensor bytes."""
+                 shard_bytes: int = 4 << 30, seed: int = 0, progress: bool = True, overwrite: bool = False) -> int:
+    """Write config.json and the tensors of a named shape; returns the tensor bytes. An existing
+    non-empty out_dir is replaced (at the end, atomically) only with overwrite."""
     from engine.dummy import write_config
+    from kernels.errors import InputError
+    from quant.output_dir import atomic_directory
 
     out_dir = Path(out_dir)
-    write_config(shape, quant, out_dir)
-    config_path = out_dir / "config.json"
-    raw = json.loads(config_path.read_text())
-    raw.pop("qshard_dummy", None)  # a real checkpoint on disk, not a dummy one
-    raw["torch_dtype"] = dtype
-    if layers is not None:
-        raw["num_hidden_layers"] = layers
-    config_path.write_text(json.dumps(raw, indent=2))
-    total = write_tensors(out_dir, dtype, shard_bytes, seed, progress)
+    if layers is not None and layers < 1:
+        raise InputError(f"--layers must be >= 1 (got {layers})")
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        write_config(shape, quant, tmp)
+        config_path = tmp / "config.json"
+        raw = json.loads(config_path.read_text())
+        raw.pop("qshard_dummy", None)  # a real checkpoint on disk, not a dummy one
+        raw["torch_dtype"] = dtype
+        if layers is not None:
+            raw["num_hidden_layers"] = layers
+        config_path.write_text(json.dumps(raw, indent=2))
+        total = write_tensors(tmp, dtype, shard_bytes, seed, progress)
     logger.info("wrote %s (%s, %s): %.2f GB", out_dir, shape, quant, total / 1e9)
     return total
 
@@ -73,5 +84,5 @@ def write_tensors(out_dir: Path, dtype: str = "float16", shard_bytes: int = 4 <<
 
 def run(args) -> int:
     write_random(args.shape, args.quant, args.output, args.dtype, args.layers, int(args.shard_gb * (1 << 30)),
-                 args.seed)
+                 args.seed, overwrite=args.overwrite)
     return 0

@@ -13,18 +13,18 @@ import logging
 import os
 import re
 import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from kernels.errors import InputError
 from quant.base import Packer
 from quant.calibrate.args import QuantResult
+from quant.output_dir import atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def float_tensors(model_dir: Path) -> Iterable[tuple[str, torch.Tensor]]:
     files = (list(dict.fromkeys(json.loads(index.read_text())["weight_map"].values())) if index.exists()
              else sorted(p.name for p in model_dir.glob("*.safetensors")))
     if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
+        raise InputError(f"no *.safetensors files in {model_dir}")
     for f in files:
         with safe_open(str(model_dir / f), framework="pt") as handle:
             for name in handle.keys():
@@ -59,20 +59,22 @@ def check_not_quantized(model_dir: Path) -> dict:
     qc = config.get("quantization_config")
     if qc or (model_dir / "quantize_config.json").exists():
         method = (qc or {}).get("quant_method", "gptq")
-        raise ValueError(f"{model_dir} is already quantized ({method}); quantize a float checkpoint")
+        raise InputError(f"{model_dir} is already quantized ({method}); quantize a float checkpoint")
     return config
 
 
 def export_quantized(model_dir: str | Path, out_dir: str | Path, packer: Packer, quantize: QuantizeFn,
                      skip: Iterable[str] = ("lm_head",), dtype: torch.dtype = torch.float16,
                      max_shard_bytes: int = 4 << 30, progress: bool = True,
-                     tensors: Iterable[tuple[str, torch.Tensor]] | None = None) -> Path:
+                     tensors: Iterable[tuple[str, torch.Tensor]] | None = None, overwrite: bool = False) -> Path:
     """Quantize `model_dir` into `out_dir`. `tensors` (name, float tensor) may replace reading
-    model_dir's files, e.g. weights already updated by layer-wise calibration."""
+    model_dir's files, e.g. weights already updated by layer-wise calibration. An existing
+    non-empty `out_dir` is replaced only with `overwrite`, and never one that is, contains or lies
+    inside `model_dir`."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     config = check_not_quantized(model_dir)
     skip = tuple(skip)
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, overwrite=overwrite, inputs=(model_dir,)) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
         source = tensors if tensors is not None else float_tensors(model_dir)
         for name, tensor in tqdm(source, desc="quantizing", unit="tensor", disable=not progress):
@@ -92,23 +94,6 @@ def export_quantized(model_dir: str | Path, out_dir: str | Path, packer: Packer,
             if (model_dir / f).exists():
                 shutil.copy2(model_dir / f, tmp / f)
     return out_dir
-
-
-@contextmanager
-def atomic_directory(target: str | Path) -> Iterator[Path]:
-    """A temporary directory beside `target` that replaces it only when the block succeeds: an
-    interrupted write never leaves a half checkpoint where a reader looks."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        yield tmp
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 class ShardWriter:

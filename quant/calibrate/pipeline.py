@@ -90,6 +90,16 @@ class CalibrationResult:
     seconds: float = 0.0
     skipped: list[str] = field(default_factory=list)
 
+    def summary(self) -> str:
+        """One line for the end of `qshard quantize`: layers, total loss and, with calibration data,
+        the mean output error relative to round-to-nearest's (< 1: GPTQ did better)."""
+        line = f"{len(self.reports)} layers, total loss {sum(r.gptq_loss for r in self.reports):.4g}"
+        ratios = [r.output_error / r.rtn_output_error for r in self.reports
+                  if r.output_error is not None and r.rtn_output_error]
+        if ratios:
+            line += f", output error {sum(ratios) / len(ratios):.3f} x RTN's (mean over layers)"
+        return line
+
     def loss_table(self) -> str:
         """One line per layer: GPTQ loss and output errors (the closing table of `qshard quantize`)."""
         has_errors = any(r.output_error is not None for r in self.reports)

@@ -52,7 +52,7 @@ def greedy(path, tp: int, executor: str) -> list[list[int]]:
 
 def test_gptq_checkpoint_loads_and_tp1_equals_tp3(tiny_model, tmp_path, capsys):
     out = tmp_path / "gptq"
-    assert quantize(tiny_model, out, "--bits", "4", "--group-size", "32", "--act-order", "group") == 0
+    assert quantize(tiny_model, out, "--bits", "4", "--group-size", "32", "--act-order", "group", "--report") == 0
     printed = capsys.readouterr().out
     assert "model.layers.1.mlp.down_proj" in printed and "err/rtn" in printed  # the per-layer loss table
     config = json.loads((out / "config.json").read_text())
