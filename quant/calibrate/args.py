@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.errors import InputError
+
 SUPPORTED_BITS = (2, 3, 4, 8)
 STRATEGIES = ("tensor", "channel", "group")
 ACTORDERS = ("none", "static", "group", "weight")
@@ -18,6 +20,11 @@ OBSERVERS = ("minmax", "mse")
 DEFAULT_GROUP_SIZE = 128
 # compressed-tensors spellings: "dynamic" is an alias of "group"; None / bools as in its configs.
 _ACTORDER_ALIASES = {"dynamic": "group", None: "none", False: "none", True: "group"}
+
+
+def _smallest_dividing_group_size_above(in_features: int, requested: int) -> int:
+    """The smallest group size > `requested` that divides `in_features` (in_features at worst)."""
+    return next(size for size in range(requested + 1, in_features + 1) if in_features % size == 0)
 
 
 def largest_dividing_group_size(in_features: int, requested: int) -> int:
@@ -63,30 +70,30 @@ class QuantArgs:
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"bits={self.bits!r} is not supported; choose one of {SUPPORTED_BITS}")
+            raise InputError(f"bits={self.bits!r} is not supported; choose one of {SUPPORTED_BITS}")
         strategy = self.strategy.lower() if isinstance(self.strategy, str) else self.strategy
         if strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {STRATEGIES}")
+            raise InputError(f"unknown strategy {self.strategy!r}; choose one of {STRATEGIES}")
         actorder = self.actorder.lower() if isinstance(self.actorder, str) else self.actorder
         actorder = _ACTORDER_ALIASES.get(actorder, actorder)
         if actorder not in ACTORDERS:
-            raise ValueError(f"unknown actorder {self.actorder!r}; choose one of {ACTORDERS}")
+            raise InputError(f"unknown actorder {self.actorder!r}; choose one of {ACTORDERS}")
 
         if self.observer not in OBSERVERS:
-            raise ValueError(f"unknown observer {self.observer!r}; choose one of {OBSERVERS}")
+            raise InputError(f"unknown observer {self.observer!r}; choose one of {OBSERVERS}")
         group_size = self.group_size
         if strategy == "group":
             group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
             if group_size != -1 and group_size < 1:
-                raise ValueError(f"group_size={group_size} is invalid; use a positive size, or -1 for "
+                raise InputError(f"group_size={group_size} is invalid; use a positive size, or -1 for "
                                  f"one group over all input columns")
         elif group_size not in (None, -1):
-            raise ValueError(f"group_size={group_size} only applies to strategy 'group' "
+            raise InputError(f"group_size={group_size} only applies to strategy 'group' "
                              f"(got strategy {strategy!r}); leave it None or -1")
         else:
             group_size = -1
         if actorder == "group" and strategy != "group":
-            raise ValueError(f"actorder 'group' permutes groups and needs strategy 'group' "
+            raise InputError(f"actorder 'group' permutes groups and needs strategy 'group' "
                              f"(got {strategy!r}); use actorder 'weight' instead")
         object.__setattr__(self, "strategy", strategy)
         object.__setattr__(self, "actorder", actorder)
@@ -106,9 +113,14 @@ class QuantArgs:
         if self.strategy != "group" or self.group_size == -1:
             return in_features
         if in_features % self.group_size != 0:
-            best = largest_dividing_group_size(in_features, self.group_size)
-            raise ValueError(f"group_size {self.group_size} does not divide the layer's {in_features} input "
-                             f"columns; the largest group size that divides {in_features} is {best}")
+            below = largest_dividing_group_size(in_features, self.group_size)
+            message = (f"group_size {self.group_size} does not divide the layer's {in_features} input columns; "
+                       f"the largest group size that divides {in_features} is {below} among those below "
+                       f"{self.group_size}")
+            if self.group_size < in_features:
+                above = _smallest_dividing_group_size_above(in_features, self.group_size)
+                message += f", the smallest above it is {above}"
+            raise InputError(message)
         return self.group_size
 
 
