@@ -119,6 +119,15 @@ def test_quantize_default_model_into_its_cache_is_refused(model_dir, tmp_path):
     assert tree(tmp_path) == before
 
 
+def test_group_size_error_names_the_nearest_dividing_sizes(model_dir, tmp_path):
+    proc, seconds = cli("quantize", "--model", "default", "-o", str(tmp_path / "q"), "--group-size", "7")
+    assert_refused(proc, seconds)
+    assert proc.stderr.strip() == ("error: --group-size 7: group_size 7 does not divide the layer's 576 input "
+                                   "columns; the largest group size that divides 576 is 6 among those below 7, "
+                                   "the smallest above it is 8 (hidden_size of this model)")
+    assert not (tmp_path / "q").exists()
+
+
 def test_overwrite_replaces_an_unrelated_directory_atomically(layout):
     out = layout / "out"
     proc, _ = cli("quantize", "--model", str(layout / "models" / "float"), "-o", str(out), "--method", "rtn",
