@@ -3,6 +3,9 @@
 Each rank reads only its shard of the packed GPTQ tensors (qweight, scales, qzeros, g_idx); the
 ranks join their partial sums with all-reduce (gloo on CPU, NCCL on GPUs). On CPU the bf16 int4
 path (torch's packed weight-only matmul) runs the quantized linears.
+
+Prints one line per stage (model, quantization, loading, generation) and the answers; the
+per-layer GPTQ table stays with `qshard quantize --report`.
 """
 
 from __future__ import annotations
@@ -15,9 +18,6 @@ from pathlib import Path
 
 from engine import LLM, SamplingParams
 from engine.default_model import DEFAULT_MODEL_NAME, cache_dir, prepare_default
-from quant.export import atomic_directory
-
-logger = logging.getLogger("launch.demo")
 
 PROMPTS = [
     "What is the capital of France? Answer in one sentence.",
@@ -34,20 +34,26 @@ def quantized_default_dir() -> Path:
     return cache_dir() / f"{DEFAULT_MODEL_NAME}-gptq-w4g64"
 
 
+def stage(text: str) -> None:
+    print(text, flush=True)
+
+
 def prepare_quantized_default() -> Path:
-    """The default model quantized with qshard's GPTQ, made once (atomically) next to the float one."""
+    """The default model quantized with qshard's GPTQ, made once (atomically, by `qshard quantize`)
+    next to the float one."""
+    source = prepare_default()
+    stage(f"[1/4] float model: {source}")
     target = quantized_default_dir()
     if (target / "config.json").exists():
+        stage(f"[2/4] GPTQ 4-bit g64 model: {target} (made earlier)")
         return target
     from launch import cmd_quantize
 
-    source = prepare_default()
-    logger.warning("quantizing %s with GPTQ 4-bit g64 into %s (once, a few minutes on CPU)", source.name, target)
+    stage(f"[2/4] quantizing with GPTQ 4-bit g64 into {target} (once, a few minutes on CPU) ...")
     parser = argparse.ArgumentParser()
     cmd_quantize.add_arguments(parser)
-    with atomic_directory(target) as tmp:
-        if cmd_quantize.run(parser.parse_args(["--model", str(source), "-o", str(tmp), *QUANTIZE_ARGS])) != 0:
-            raise SystemExit("quantizing the default model failed (see above)")
+    # --overwrite: the target is this cache's own directory and holds no complete checkpoint
+    cmd_quantize.run(parser.parse_args(["--model", str(source), "-o", str(target), "--overwrite", *QUANTIZE_ARGS]))
     return target
 
 
@@ -59,8 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--float", dest="quantized", action="store_false", help="serve the float model instead")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model = prepare_quantized_default() if args.quantized else prepare_default()
+    if args.quantized:
+        model = prepare_quantized_default()
+    else:
+        model = prepare_default()
+        stage(f"[1/4] float model: {model}\n[2/4] not quantized (--float)")
+    stage(f"[3/4] loading {model.name} over {args.tp} tensor-parallel ranks ...")
     with LLM(model, tensor_parallel_size=args.tp, executor="mp", dtype=args.dtype) as llm:
+        stage(f"[4/4] generating answers to {len(PROMPTS)} prompts ...")
         start = time.perf_counter()
         outputs = llm.chat([[{"role": "user", "content": p}] for p in PROMPTS],
                            SamplingParams(max_tokens=args.max_tokens, temperature=0))
@@ -75,5 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run_demo(argv: list[str] | None = None) -> int:
+    """main(), with qshard's own errors printed as one `error:` line (exit 2), as the CLI does."""
+    from kernels.errors import QShardError
+    from launch.cli import debug_requested, report_error
+
+    try:
+        return main(argv)
+    except QShardError as e:
+        return report_error(e, debug_requested())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_demo())
