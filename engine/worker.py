@@ -17,6 +17,7 @@ from engine.config import ModelConfig
 from engine.cuda_graph import DecodeGraphs
 from engine.engine_config import EngineConfig
 from engine.kv_cache import KVCache
+from engine.load_progress import LoadProgress, Report
 from engine.models import model_class
 from engine.sampler import Sampler
 from engine.step import StepInput, StepOutput
@@ -29,7 +30,8 @@ logger = logging.getLogger(__name__)
 
 
 class Worker:
-    def __init__(self, config: EngineConfig, ctx: ParallelContext):
+    def __init__(self, config: EngineConfig, ctx: ParallelContext, on_progress: Report | None = None):
+        """on_progress(layers read, layers): called as the shard loads (executors watch start-up by it)."""
         self.config, self.ctx = config, ctx
         self.model_config = ModelConfig.from_dir(config.model_path)
         start = time.perf_counter()
@@ -46,7 +48,8 @@ class Worker:
         with tqdm(total=self.model_config.num_hidden_layers, desc=f"loading rank {ctx.rank}",
                   disable=not config.progress or ctx.rank != 0, unit="layer") as bar, torch.inference_mode(), \
                 layouts_dropped():
-            self.model = cls(self.model_config, weights, loader, ctx, config.dtype, ctx.device, progress=bar)
+            progress = LoadProgress(bar, self.model_config.num_hidden_layers, on_progress)
+            self.model = cls(self.model_config, weights, loader, ctx, config.dtype, ctx.device, progress=progress)
         self.model.eval()
         self.weight_bytes_read = weights.bytes_read
         logger.info("rank %d loaded %s (%s) in %.1fs, %.1f MB read", ctx.rank, config.model_path,

@@ -1,13 +1,20 @@
 """Tensor parallelism over local processes: rank 0 in this process drives, TP−1 spawned
 processes follow its step broadcasts.
 
-Start-up never hangs on a dead rank: ranks check in through the rendezvous store before joining
-the process group and report load errors through it, and the driver polls their liveness while
-it waits. After start-up a watchdog thread waits on the followers' process sentinels: when one
-exits it records which, and kills the others, so that whatever collective the driver is blocked
-in fails at once (a dead peer alone can leave a gloo wait pending until its timeout). The
-driver's step then raises `WorkerFailure` naming the rank that died first. A follower that
-raises reports its error through the store and exits; one whose driver vanishes exits too.
+Start-up waits on progress, never on a fixed deadline: ranks check in through the rendezvous
+store, report each layer they read and any load error there, and the driver polls them; it fails
+when a rank exits (naming it, with its error) or when no waiting rank moved for dist_timeout_s
+(engine.executor.startup). After start-up a watchdog thread waits on the followers' process
+sentinels: when one exits it records which, and kills the others, so that whatever collective
+the driver is blocked in fails at once (a dead peer alone can leave a gloo wait pending until
+its timeout). The driver's step then raises `WorkerFailure` naming the rank that died first. A
+follower that raises reports its error through the store and exits; one whose driver vanishes
+exits too.
+
+SIGINT/SIGTERM to the driver (engine.executor.interrupt) kill the followers at once — they hold
+nothing worth saving, and a graceful STOP could wait behind a half-done step — and the driver
+raises KeyboardInterrupt / SystemExit. Followers ignore SIGINT: a Ctrl-C in a terminal reaches
+the whole process group, and the driver alone decides.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import logging
 import multiprocessing as mp
 import multiprocessing.connection
 import os
+import signal
 import socket
 import threading
 import time
@@ -24,9 +32,12 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from engine.engine_config import EngineConfig
 from engine.executor.base import Executor, WorkerFailure
+from engine.executor.interrupt import InterruptGuard
+from engine.executor.startup import StartupWatch, describe, layers_text, report_key
 from engine.executor.stats import STATS, STATS_RESET, gather_stats
 from engine.step import STOP, StepInput, StepOutput
 from engine.worker import Worker
@@ -81,13 +92,20 @@ def exit_when_orphaned(interval_s: float = 1.0) -> None:
 
 
 def _follower_main(config: EngineConfig, rank: int, world_size: int, host: str, port: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # tqdm's default lock is a multiprocessing semaphore, registered with the driver's resource
+    # tracker; a follower killed by SIGKILL (an interrupt, a failure) would leave it "leaked".
+    tqdm.set_lock(threading.RLock())
     exit_when_orphaned()
     share_cpu_threads(world_size)
     store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timedelta(seconds=config.dist_timeout_s))
+    store.set(report_key(rank), "started")
     store.set(f"alive/{rank}", "1")
     try:
         ctx = init_process_group(rank, world_size, None, config.rank_device(rank), config.dist_timeout_s, store)
-        worker = Worker(config, ctx)
+        store.set(report_key(rank), "joined")
+        worker = Worker(config, ctx, on_progress=lambda done, total: store.set(report_key(rank),
+                                                                                 layers_text(done, total)))
     except BaseException as e:  # report why, then die: the driver is waiting for us
         store.set(f"error/{rank}", f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
         raise SystemExit(1)
@@ -154,33 +172,54 @@ class MultiprocExecutor(Executor):
         port = free_port()
         self.store = dist.TCPStore(host, port, world, is_master=True, wait_for_workers=False,
                                    timeout=timedelta(seconds=config.dist_timeout_s))
-        spawn = mp.get_context("spawn")
         self.procs: dict[int, mp.Process] = {}
-        for rank in range(1, world):
-            p = spawn.Process(target=_follower_main, args=(config, rank, world, host, port),
-                              name=f"qshard-rank{rank}", daemon=True)
-            p.start()
-            self.procs[rank] = p
-        self.worker = None
         self.broken = False
+        self.worker = None
         self.watchdog = _Watchdog(self.procs)
-        self._threads_before = share_cpu_threads(world)
+        # up before the first spawn: a Ctrl-C from here on kills whatever followers exist
+        self.interrupt = InterruptGuard(self._on_interrupt).install()
+        self._threads_before = torch.get_num_threads()
         try:
+            self._spawn(config, world, host, port)
+            share_cpu_threads(world)
             self._wait_for("alive", config.dist_timeout_s)
             self.ctx = init_process_group(0, world, None, config.rank_device(0), config.dist_timeout_s, self.store)
             self.worker = Worker(config, self.ctx)
             self._wait_for("ready", config.dist_timeout_s)
         except BaseException:
+            self.interrupt.restore()
             self._kill_followers()
+            torch.set_num_threads(self._threads_before)
+            self.interrupt.raise_now()  # what failed because the interrupt killed the followers
             raise
         if self.procs:
             self.watchdog.start()
 
+    def _spawn(self, config: EngineConfig, world: int, host: str, port: int) -> None:
+        spawn = mp.get_context("spawn")
+        for rank in range(1, world):
+            p = spawn.Process(target=_follower_main, args=(config, rank, world, host, port),
+                              name=f"qshard-rank{rank}", daemon=True)
+            p.start()
+            self.procs[rank] = p
+
+    def _on_interrupt(self, signum: int) -> None:
+        """SIGINT/SIGTERM (any thread): kill every follower now; the driver raises after."""
+        self.broken = True
+        self.watchdog.stop()
+        for p in list(self.procs.values()):
+            try:
+                os.kill(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, TypeError):  # gone already, or not started yet
+                pass
+
     def _wait_for(self, what: str, timeout_s: float) -> None:
-        """Poll the store for every follower's `what` key, failing fast on a dead rank."""
-        deadline = time.monotonic() + timeout_s
+        """Poll the store for every follower's `what` key, failing fast on a dead rank and when
+        no waiting rank made progress for timeout_s (engine.executor.startup)."""
         pending = set(self.procs)
+        watch = StartupWatch(pending, timeout_s)
         while pending:
+            self.interrupt.raise_now()  # the followers are being killed: not a start-up failure
             for rank in sorted(pending):
                 if self.store.check([f"error/{rank}"]):
                     msg = self.store.get(f"error/{rank}").decode()
@@ -188,11 +227,16 @@ class MultiprocExecutor(Executor):
                 if self.store.check([f"{what}/{rank}"]):
                     pending.discard(rank)
                 elif not self.procs[rank].is_alive():
-                    raise WorkerFailure(f"rank {rank} exited with code {self.procs[rank].exitcode} during start-up",
-                                        [rank])
-            if pending and time.monotonic() > deadline:
-                raise WorkerFailure(f"ranks {sorted(pending)} did not become {what} within {timeout_s:.0f}s",
-                                    sorted(pending))
+                    last = watch.text(rank)
+                    raise WorkerFailure(f"rank {rank} exited with code {self.procs[rank].exitcode} during start-up"
+                                        + (f" (last: {describe(last)})" if last else ""), [rank])
+                else:
+                    key = report_key(rank)
+                    watch.saw(rank, self.store.get(key).decode() if self.store.check([key]) else None,
+                              self.procs[rank].pid)
+            stalled = watch.stalled(pending)
+            if stalled:
+                raise WorkerFailure(watch.message(stalled), stalled)
             time.sleep(0.05)
 
     def dead_ranks(self) -> list[tuple[int, int | None]]:
@@ -202,6 +246,9 @@ class MultiprocExecutor(Executor):
         return {0: os.getpid(), **{r: p.pid for r, p in self.procs.items()}}
 
     def _check(self) -> None:
+        if self.interrupt.received is not None:
+            raise WorkerFailure("this engine's ranks were stopped by an interrupt "
+                                f"({signal.Signals(self.interrupt.received).name})")
         if self.broken or self.worker is None:
             raise WorkerFailure("this engine's ranks were stopped after an earlier failure")
 
@@ -212,6 +259,7 @@ class MultiprocExecutor(Executor):
             broadcast_int64(step.encode(), self.ctx)
             return self.worker.execute(step)
         except Exception as e:
+            self.interrupt.raise_now()  # the interrupt killed the peers: not a rank failure
             raise self._failure(e) from e
 
     def collect_stats(self, reset: bool = False) -> list[dict]:
@@ -219,6 +267,7 @@ class MultiprocExecutor(Executor):
         try:
             return lead_stats(self.worker, self.ctx, reset)
         except Exception as e:
+            self.interrupt.raise_now()
             raise self._failure(e) from e
 
     def _failure(self, error: Exception) -> WorkerFailure:
@@ -266,9 +315,10 @@ class MultiprocExecutor(Executor):
                 broadcast_int64(StepInput.control(STOP).encode(), self.ctx)
             except Exception:  # already broken: kill below
                 pass
-        for p in self.procs.values():
-            p.join(timeout=10)
+            for p in self.procs.values():
+                p.join(timeout=10)
         self._kill_followers()
+        self.interrupt.restore()
         self.worker = None
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,0 +1,96 @@
+"""Waiting for ranks to start: on progress, not on a fixed deadline.
+
+A rank reports how far it got (`report_key`: "started", "joined", then "<layers read>/<layers>"
+from engine.load_progress); for a local process the driver also counts its CPU time, so that a
+rank still importing (nothing reported yet) shows it is alive. On a busy machine a start takes
+as long as it takes; the driver gives up only when no waiting rank has moved for `timeout_s`
+(ranks can wait on each other while they join, so one rank's pause alone is not a stall), and
+then names the ones furthest behind: "rank 1 hung before loading (no progress for 20 s)" or
+"rank 2 made no progress for 120 s (last: layer 7 of 30 read)".
+"""
+
+from __future__ import annotations
+
+import time
+
+
+def report_key(rank: int) -> str:
+    return f"progress/{rank}"
+
+
+def layers_text(done: int, total: int) -> str:
+    return f"{done}/{total}"
+
+
+def cpu_ticks(pid: int) -> int | None:
+    """utime + stime of a local process (/proc), None when unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _stage(text: str | None) -> tuple[int, int]:
+    """How far a report says the rank got, for naming the ranks furthest behind."""
+    if text is None:
+        return (0, 0)
+    if text == "started":
+        return (1, 0)
+    if text == "joined":
+        return (2, 0)
+    done, _, _ = text.partition("/")
+    return (3, int(done)) if done.isdigit() else (1, 0)
+
+
+def describe(text: str | None) -> str:
+    """The last thing a rank reported, in words."""
+    if text is None:
+        return "nothing reported"
+    if text == "started":
+        return "started, not yet in the process group"
+    if text == "joined":
+        return "joined the process group"
+    done, _, total = text.partition("/")
+    return f"layer {done} of {total} read"
+
+
+class StartupWatch:
+    def __init__(self, ranks, timeout_s: float):
+        now = time.monotonic()
+        self.timeout_s = timeout_s
+        self.state: dict[int, tuple] = {r: (None, None) for r in ranks}
+        self.since: dict[int, float] = {r: now for r in ranks}
+
+    def saw(self, rank: int, text: str | None, pid: int | None = None) -> None:
+        """Record what `rank` reported (and, for a local process, its CPU time) now."""
+        state = (text, cpu_ticks(pid) if pid else None)
+        if state != self.state[rank]:
+            self.state[rank], self.since[rank] = state, time.monotonic()
+
+    def text(self, rank: int) -> str | None:
+        return self.state[rank][0]
+
+    def stalled(self, pending) -> list[int]:
+        """The ranks to blame when no pending rank moved for timeout_s, else []."""
+        pending = list(pending)
+        if not pending:
+            return []
+        now = time.monotonic()
+        if min(now - self.since[r] for r in pending) <= self.timeout_s:
+            return []
+        behind = min(_stage(self.text(r)) for r in pending)
+        return [r for r in sorted(pending) if _stage(self.text(r)) == behind]
+
+    def message(self, ranks) -> str:
+        now = time.monotonic()
+        parts = []
+        for r in ranks:
+            text, quiet = self.text(r), now - self.since[r]
+            if _stage(text)[0] < 3:
+                parts.append(f"rank {r} hung before loading (no progress for {quiet:.0f} s; last: {describe(text)})")
+            else:
+                parts.append(f"rank {r} made no progress for {quiet:.0f} s (last: {describe(text)})")
+        return "; ".join(parts)
+

@@ -1,0 +1,107 @@
+"""Rank start-up waits on progress, not on a fixed deadline: a TP=3 mp start on a machine kept
+busy by two CPU-burning processes succeeds although it takes longer in total than the timeout,
+and a rank that hangs before loading (SIGSTOP right after it is spawned) is named by rank within
+the timeout, with every process cleaned up."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from engine import LLM, SamplingParams
+from engine.executor import WorkerFailure
+from tests.launch.conftest import PROMPTS, kill_pid_tree, wait_gone
+
+TIMEOUT_S = 8.0  # dist_timeout_s: shorter than a TP=3 start on a busy 2-core machine
+
+
+def burn_cpus(n: int = 2) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+def spawned_followers() -> list:
+    """This process's spawned multiprocessing children, oldest first (rank 1 starts first)."""
+    import psutil
+
+    kids = []
+    for p in psutil.Process().children():
+        try:
+            if "spawn_main" in " ".join(p.cmdline()):
+                kids.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return sorted(kids, key=lambda p: (p.create_time(), p.pid))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_tp3_start_on_a_busy_machine_outlasts_the_timeout_and_succeeds(model_dir, reference):
+    burners = burn_cpus()
+    try:
+        time.sleep(1)
+        start = time.monotonic()
+        with LLM(model_dir, tensor_parallel_size=3, executor="mp", dtype="float32", progress=False,
+                 dist_timeout_s=TIMEOUT_S) as llm:
+            started = time.monotonic() - start
+            for b in burners:  # the rest of the test needs no load
+                b.kill()
+            outs = llm.generate(PROMPTS[:1], SamplingParams(max_tokens=4, temperature=0))
+        print(f"\nTP=3 start under load: {started:.1f}s with dist_timeout_s={TIMEOUT_S:.0f}")
+        assert started > TIMEOUT_S, f"start-up took {started:.1f}s: the machine was not busy enough to show it"
+        assert outs[0].token_ids == reference.mp_tokens[0][:4]
+    finally:
+        for b in burners:
+            b.kill()
+            b.wait()
+
+
+@pytest.mark.timeout(200)
+def test_rank_hung_before_loading_is_named_within_the_timeout(model_dir):
+    stopped: list = []
+    result: dict = {}
+
+    def start():
+        try:
+            LLM(model_dir, tensor_parallel_size=3, executor="mp", dtype="float32", progress=False,
+                dist_timeout_s=TIMEOUT_S)
+            result["error"] = None
+        except BaseException as e:  # noqa: BLE001 - the test inspects it
+            result["error"] = e
+        result["at"] = time.monotonic()
+
+    thread = threading.Thread(target=start, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not stopped and time.monotonic() < deadline:
+            kids = spawned_followers()
+            if kids:
+                os.kill(kids[0].pid, signal.SIGSTOP)  # rank 1, before it could import anything
+                stopped.append(kids[0])
+                stopped_at = time.monotonic()
+            time.sleep(0.005)
+        assert stopped, "rank 1 was never spawned"
+        thread.join(timeout=TIMEOUT_S + 60)
+        assert not thread.is_alive(), "LLM(...) still starting long after the timeout"
+        error = result["error"]
+        took = result["at"] - stopped_at
+        print(f"\n{type(error).__name__}: {error} ({took:.1f}s after the stop)")
+        assert isinstance(error, WorkerFailure), repr(error)
+        assert error.ranks == [1], error.ranks
+        assert str(error).startswith("rank 1 hung before loading (no progress for "), str(error)
+        assert TIMEOUT_S <= took < TIMEOUT_S + 10
+        assert not wait_gone([stopped[0].pid], 10), "the hung rank was not cleaned up"
+        assert not spawned_followers(), "follower processes left behind"
+    finally:
+        for p in stopped:
+            try:
+                p.resume()
+            except Exception:
+                pass
+        kill_pid_tree([p.pid for p in spawned_followers()])
