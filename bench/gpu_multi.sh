@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
-# The multi-GPU run (issue 9) in one device call on nvidia-h200-x4 (or -x2: GPUS=2):
-#   run(kind="nvidia-h200-x4", command="bash bench/gpu_multi.sh", timeout_s=600)
-# Ray is not installed there: this runs mp and torchrun (carry Ray's wheels to add the ray executor).
-# TINY=1 runs the same steps at toy sizes on CPU with gloo to check the script.
+# Multi-GPU benchmark: all-reduce latency and bus bandwidth (NCCL) at TP 2 and GPUS, equal greedy tokens
+# at every TP size through the mp and torchrun executors, and decode throughput scaling of GPTQ-int4 g128
+# checkpoints of Llama-2-7B and -70B shape (random weights, made in place) at TP 1, 2 and GPUS.
+# Run it from the repository root on one host with several CUDA GPUs and qshard installed on a CUDA torch
+# (README, "GPUs"):   bash bench/gpu_multi.sh      (GPUS=2 on a two-GPU host)
+# Results go to OUT (default bench/results/gpu-multi-YYYY-MM-DD/): log.txt (every step's output),
+# allreduce-tp*.json, equal-mp/, equal-torchrun/, scaling-*/throughput.json.
+# Settings: GPUS (4), OUT, PY (python3); TINY=1 runs the same steps at toy sizes on CPU over gloo, to
+# check the script. The ray executor is not run here (tests/launch covers it). NVLink multicast stays
+# off in every process (it can take a shared host's GPUs out of service).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # NVLink multicast stays off in every process (it can take the host's shared GPUs out of service)

@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# The single-GPU run (issue 8), in two device calls (each must end inside 600 s):
-#   run(command="STEPS='tests kernels' TESTS='tests/kernels --ignore=tests/kernels/test_cpu_amx.py'
-#                bash bench/gpu_single.sh", carry=["build/whl"], timeout_s=600)
-#   run(command="STEPS=engine bash bench/gpu_single.sh", timeout_s=600)
-# Results land in $OUT (the device tool brings back 8 files at most; commit them under bench/results/).
-# Steps (STEPS, run in this order):
-#   tests   kernel tests compiled on the GPU; with pytest-xdist when build/whl carries its wheels
-#           (pip download --no-deps -d build/whl pytest-xdist execnet)
-#   kernels `qshard bench kernels`: MAIN_FORMAT on its own, then MORE_FORMATS
-#   engine  fp16 kernel bench (its tuning, QSHARD_TRITON_CACHE, is reused by the engine), a random
-#           GPTQ-int4 Llama-2-7B checkpoint on disk, decode tokens/s with and without CUDA graphs
-#           against the bandwidth floor (GRAPH_BATCHES, ENGINE_DEBUG=1: traceback in this process)
-# Before each bench, bench/triton_warmup.py compiles every tuner candidate from many processes: a cold
-# single process spends minutes compiling. Steps stop at DEADLINE seconds (tstep).
-# TINY=1 runs the same steps at toy sizes on CPU (Triton under TRITON_INTERPRET=1) to check the script.
+# One-GPU benchmark: the Triton kernel tests compiled on the GPU, the quantized linears against bf16
+# F.linear and the copy bandwidth, and decode of a GPTQ-int4 g128 Llama-2-7B-shaped checkpoint (random
+# weights, ~4 GB written to CKPT_DIR, default /tmp/qshard-llama-2-7b-gptq) against the bandwidth floor.
+# Run it from the repository root on a machine with one CUDA GPU and qshard installed on a CUDA torch
+# (README, "GPUs"):   DEADLINE=1500 bash bench/gpu_single.sh      (all steps: about 10 min)
+# Results go to OUT (default bench/results/gpu-YYYY-MM-DD/): log.txt (every step's output and tables),
+# kernel-tests.xml, kernels-*.json, graphs/ and eager/throughput.json, decode-floor.json.
+# Settings (environment variables):
+#   STEPS          steps to run, in this order (default "tests kernels engine")
+#   TESTS, JOBS    the tests step's pytest selection (tests/kernels); compile processes and pytest-xdist
+#                  workers (14; xdist is used when installed or its wheels are in build/whl)
+#   MODELS, MAIN_FORMAT, MORE_FORMATS   kernel shapes and formats (llama-2-7b; gptq4; gptq4-act awq4 int8 fp8)
+#   GRAPH_BATCHES  decode batch sizes (1,2,4,...,64); ENGINE_DEBUG=1 adds an in-process run with tracebacks
+#   DEADLINE       seconds after which steps are skipped (575: one part per 10-min run); PY (python3)
+#   TINY=1         the same steps at toy sizes on CPU (Triton's interpreter), to check the script
+# Before each bench, bench/triton_warmup.py compiles every tuner candidate in JOBS processes (one cold
+# process would spend minutes compiling).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
