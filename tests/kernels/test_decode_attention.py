@@ -34,3 +34,39 @@ def test_matches_sdpa(device, heads, kv_heads, dtype):
                                              v[s:s + 1, :, :n].double(), enable_gqa=True)[0, :, 0]
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         assert torch.allclose(out[b].double(), ref, atol=tol, rtol=tol), (out[b].double() - ref).abs().max()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("splits", [2, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_split_kv_length_matches_sdpa(device, splits, dtype):
+    """Flash-decoding splits (some chunks empty at short lengths) combine to the unsplit result;
+    query and output rows are picked by `tokens`, other output rows stay untouched."""
+    g = torch.Generator().manual_seed(splits)
+    heads, kv_heads, D, slots, cap, T = 8, 2, 32, 4, 200, 6
+    lengths = torch.tensor([1, 70, 200, 33])
+    slot_of = torch.tensor([3, 1, 0, 2])
+    tokens = torch.tensor([5, 0, 2, 3])  # rows 1 and 4 are not decode tokens
+    q = torch.randn(T, heads, D, generator=g).to(device, dtype)
+    k = torch.randn(slots, kv_heads, cap, D, generator=g).to(device, dtype)
+    v = torch.randn(slots, kv_heads, cap, D, generator=g).to(device, dtype)
+    out = torch.full((T, heads, D), 9.0, dtype=dtype, device=device)
+    for _ in range(2):  # twice: the tickets must be left zeroed for the next launch
+        decode_attention(q, k, v, slot_of.to(device), lengths.to(device), D ** -0.5, block_l=16, splits=splits,
+                         tokens=tokens.to(device), out=out)
+        for b in range(4):
+            n, s, t = int(lengths[b]), int(slot_of[b]), int(tokens[b])
+            ref = F.scaled_dot_product_attention(q[t:t + 1, :, None].double(), k[s:s + 1, :, :n].double(),
+                                                 v[s:s + 1, :, :n].double(), enable_gqa=True)[0, :, 0]
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            assert torch.allclose(out[t].double(), ref, atol=tol, rtol=tol), (out[t].double() - ref).abs().max()
+        assert (out[[1, 4]] == 9.0).all()
+
+
+def test_choose_splits():
+    from kernels.decode_attention import choose_splits
+
+    assert choose_splits(64, 32, 4096, 132) == 1  # enough (sequence, KV head) pairs already
+    assert choose_splits(1, 32, 272, 132) == 5  # 132 / 32 -> 5 chunks, each >= one 64-position block
+    assert choose_splits(1, 32, 64, 132) == 1  # one block long: nothing to split
+    assert choose_splits(1, 8, 8192, 132) == 17
