@@ -60,7 +60,8 @@ def _probe_writable(directory: Path, where: str) -> None:
     try:
         fd, probe = tempfile.mkstemp(prefix=".qshard-probe-", dir=directory)
     except OSError as e:
-        raise InputError(f"{where}: cannot write in {directory} ({e.strerror or e})") from None
+        raise InputError(f"{where}: cannot write in {directory}: creating a file there failed "
+                         f"({e.strerror or e})") from None
     os.close(fd)
     os.unlink(probe)
 
