@@ -68,7 +68,8 @@ class LlamaCalibrationTarget:
     @torch.no_grad()
     def run_block(self, index: int, hidden: tuple[torch.Tensor, ForwardBatch]) -> tuple[torch.Tensor, ForwardBatch]:
         h, batch = hidden
-        return self.model.layers[index](h, batch, None), batch
+        out, residual = self.model.layers[index](h.clone(), None, batch, None)  # the block adds into its input
+        return residual + out, batch
 
     def linears(self, index: int) -> list[CalibratedLinear]:
         layer = self.model.layers[index]

@@ -4,6 +4,10 @@ A decode step of a few-billion-parameter model launches hundreds of small kernel
 captured graph removes their launch gaps. Graphs read static buffers (token ids, positions,
 cache slots, lengths), so the KV cache must not move after capture: the worker allocates it whole
 first. Rows that pad a batch up to its bucket write into a scratch cache slot nobody reads.
+
+A step's inputs go up in one copy: they are written into a pinned host buffer laid out like the
+device buffers (token ids, positions, slots, lengths: four rows of max_batch), which is then
+copied whole (2 KB at 64) ahead of the replay, with no tensor made per step.
 """
 
 from __future__ import annotations
@@ -28,11 +32,14 @@ class DecodeGraphs:
                  device: torch.device):
         self.model, self.cache, self.scratch_slot = model, cache, scratch_slot
         self.max_batch = max_batch
-        long = dict(dtype=torch.long, device=device)
-        self.token_ids = torch.zeros(max_batch, **long)
-        self.positions = torch.zeros(max_batch, **long)
-        self.slots = torch.full((max_batch,), scratch_slot, **long)
-        self.kv_lens = torch.ones(max_batch, **long)
+        self.inputs = torch.zeros(4, max_batch, dtype=torch.long, device=device)
+        self.inputs[2] = scratch_slot
+        self.inputs[3] = 1
+        self.token_ids, self.positions, self.slots, self.kv_lens = self.inputs.unbind(0)
+        self.staging = torch.empty(4, max_batch, dtype=torch.long, pin_memory=True)
+        self.staging.copy_(self.inputs)
+        self.staged = self.staging.numpy()  # writes through numpy: no torch op per field
+        self.copied = torch.cuda.Event()  # the last upload has left the staging buffer
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         # Each graph reads its batch's index tensors (rows) by address: they must outlive the capture.
@@ -49,6 +56,7 @@ class DecodeGraphs:
                     self.logits[size] = self._forward(batch)
             pool = graph.pool()
             self.graphs[size] = graph
+        self.sizes = sorted(self.graphs)
         logger.info("captured decode graphs for batch sizes %s", sorted(self.graphs))
 
     def _batch(self, size: int) -> ForwardBatch:
@@ -64,11 +72,19 @@ class DecodeGraphs:
     def run(self, token_ids: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
         """Logits [B, V] of one decode step; each sequence's new token sits at `positions`."""
         n = len(token_ids)
-        size = next(s for s in sorted(self.graphs) if s >= n)
-        pad = size - n
-        self.token_ids[:size].copy_(torch.tensor(token_ids + [0] * pad), non_blocking=True)
-        self.positions[:size].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
-        self.slots[:size].copy_(torch.tensor(slots + [self.scratch_slot] * pad), non_blocking=True)
-        self.kv_lens[:size].copy_(torch.tensor([p + 1 for p in positions] + [1] * pad), non_blocking=True)
+        size = next(s for s in self.sizes if s >= n)
+        staged = self.staged
+        self.copied.synchronize()  # normally long done: the previous step's results were read since
+        staged[0, :n] = token_ids
+        staged[1, :n] = positions
+        staged[2, :n] = slots
+        staged[3, :n] = positions
+        staged[3, :n] += 1
+        if size > n:  # padding rows: token 0 at position 0 of the scratch slot
+            staged[0:2, n:size] = 0
+            staged[2, n:size] = self.scratch_slot
+            staged[3, n:size] = 1
+        self.inputs.copy_(self.staging, non_blocking=True)
+        self.copied.record()
         self.graphs[size].replay()
         return self.logits[size][:n]

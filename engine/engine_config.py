@@ -22,6 +22,7 @@ class EngineConfig:
     load_format: str = "auto"  # "auto": the checkpoint's safetensors; "dummy": random weights (engine/dummy.py)
     cuda_graphs: bool = True  # replay captured decode steps on CUDA (False: eager, like vLLM's enforce_eager)
     cuda_graph_max_batch: int = 64
+    kernels: str = "auto"  # a layer's non-matmul work: "auto" (Triton on CUDA), "torch", "triton" (engine.layers.kernel_choice)
 
     def rank_device(self, local_rank: int) -> torch.device:
         return torch.device(f"cuda:{local_rank}") if self.device == "cuda" else torch.device("cpu")

@@ -70,7 +70,7 @@ class LLM:
                  dtype: str | torch.dtype = "auto", device: str = "auto", max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 8192, max_model_len: int | None = None, seed: int = 0,
                  progress: bool = True, dist_timeout_s: float = 120.0, cuda_graphs: bool = True,
-                 load_format: str = "auto", **executor_options: Any):
+                 load_format: str = "auto", kernels: str = "auto", **executor_options: Any):
         if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be a positive integer, got {tensor_parallel_size!r}")
         if load_format not in ("auto", "dummy"):
@@ -89,7 +89,7 @@ class LLM:
             device=device, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             max_model_len=min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings),
             seed=seed, progress=progress, dist_timeout_s=dist_timeout_s, cuda_graphs=cuda_graphs,
-            load_format=load_format)
+            load_format=load_format, kernels=kernels)
         self.tokenizer = load_tokenizer(path)
         self.executor_name = resolve_name(executor, tensor_parallel_size)
         self.executor = executor_class(self.executor_name)(self.config, **executor_options)

@@ -49,7 +49,8 @@ class Worker:
                   disable=not config.progress or ctx.rank != 0, unit="layer") as bar, torch.inference_mode(), \
                 layouts_dropped():
             progress = LoadProgress(bar, self.model_config.num_hidden_layers, on_progress)
-            self.model = cls(self.model_config, weights, loader, ctx, config.dtype, ctx.device, progress=progress)
+            self.model = cls(self.model_config, weights, loader, ctx, config.dtype, ctx.device, progress=progress,
+                             kernels=config.kernels)
         self.model.eval()
         self.weight_bytes_read = weights.bytes_read
         logger.info("rank %d loaded %s (%s) in %.1fs, %.1f MB read", ctx.rank, config.model_path,

@@ -29,11 +29,12 @@ def _kernel():
 
     @triton.jit
     def decode_attention_kernel(
-        Q, K, V, O, TOKENS, SLOTS, LENS, PART_ACC, PART_ML, TICKETS, scale,
+        Q, K, V, O, TOKENS, SLOTS, LENS, PART_ACC, PART_ML, TICKETS, COS, SIN, scale,
         stride_qb, stride_qh, stride_ks, stride_kh, stride_kl, stride_vs, stride_vh, stride_vl,
-        stride_ob, stride_oh,
-        GROUP: tl.constexpr, GROUP_TILE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_L: tl.constexpr,
-        SPLITS: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+        stride_ob, stride_oh, stride_cos,
+        HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_TILE: tl.constexpr, HALF: tl.constexpr,
+        BLOCK_L: tl.constexpr, SPLITS: tl.constexpr, ROTARY: tl.constexpr, DOT_F32: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         b = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -43,48 +44,106 @@ def _kernel():
         slot = tl.load(SLOTS + b)
         length = tl.load(LENS + b)
         g = tl.arange(0, GROUP_TILE)
-        d = tl.arange(0, HEAD_DIM)
+        h = tl.arange(0, HALF)  # head_dim in two halves (rotary pairs element i with i + HALF)
         heads = kv_head * GROUP + g
-        q = tl.load(Q + token * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=g[:, None] < GROUP,
-                    other=0.0)
-        q = (q.to(tl.float32) * scale)
-        m = tl.full([GROUP_TILE], float("-inf"), tl.float32)
-        l = tl.zeros([GROUP_TILE], tl.float32)
-        acc = tl.zeros([GROUP_TILE, HEAD_DIM], tl.float32)
-        k_base = K + slot.to(tl.int64) * stride_ks + kv_head * stride_kh
-        v_base = V + slot.to(tl.int64) * stride_vs + kv_head * stride_vh
+        head_mask = g[:, None] < GROUP
+        q_ptr = Q + token * stride_qb + heads[:, None] * stride_qh + h[None, :]
+        q1 = tl.load(q_ptr, mask=head_mask, other=0.0)
+        q2 = tl.load(q_ptr + HALF, mask=head_mask, other=0.0)
         chunk = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_L) * BLOCK_L
         begin = split * chunk
         end = tl.minimum(length, begin + chunk)
-        for start in range(begin, end, BLOCK_L):
+        k_base = K + slot.to(tl.int64) * stride_ks + kv_head * stride_kh
+        v_base = V + slot.to(tl.int64) * stride_vs + kv_head * stride_vh
+        if ROTARY:  # Q is the QKV projection's row; this token's key and value are not in the cache yet
+            new = length - 1
+            cos = tl.load(COS + new * stride_cos + h).to(tl.float32)
+            sin = tl.load(SIN + new * stride_cos + h).to(tl.float32)
+            # half-split rotary, each product and sum rounded to the dtype (as the torch path rounds);
+            # a nested @triton.jit helper would not resolve from this closure, hence written out twice
+            dt = q1.dtype
+            qa = (q1.to(tl.float32) * cos[None, :]).to(dt).to(tl.float32)
+            qb = (q2.to(tl.float32) * sin[None, :]).to(dt).to(tl.float32)
+            qc = (q2.to(tl.float32) * cos[None, :]).to(dt).to(tl.float32)
+            qe = (q1.to(tl.float32) * sin[None, :]).to(dt).to(tl.float32)
+            q1, q2 = (qa - qb).to(dt), (qc + qe).to(dt)
+            cached_end = tl.minimum(end, new)
+        else:
+            cached_end = end
+        q1 = q1.to(tl.float32) * scale
+        q2 = q2.to(tl.float32) * scale
+        m = tl.full([GROUP_TILE], float("-inf"), tl.float32)
+        l = tl.zeros([GROUP_TILE], tl.float32)
+        acc1 = tl.zeros([GROUP_TILE, HALF], tl.float32)
+        acc2 = tl.zeros([GROUP_TILE, HALF], tl.float32)
+        for start in range(begin, cached_end, BLOCK_L):
             pos = start + tl.arange(0, BLOCK_L)
-            valid = pos < end
-            k = tl.load(k_base + pos[:, None] * stride_kl + d[None, :], mask=valid[:, None], other=0.0)
-            v = tl.load(v_base + pos[:, None] * stride_vl + d[None, :], mask=valid[:, None], other=0.0)
+            valid = pos < cached_end
+            k_ptr = k_base + pos[:, None] * stride_kl + h[None, :]
+            v_ptr = v_base + pos[:, None] * stride_vl + h[None, :]
+            k1 = tl.load(k_ptr, mask=valid[:, None], other=0.0)
+            k2 = tl.load(k_ptr + HALF, mask=valid[:, None], other=0.0)
+            v1 = tl.load(v_ptr, mask=valid[:, None], other=0.0)
+            v2 = tl.load(v_ptr + HALF, mask=valid[:, None], other=0.0)
             if DOT_F32:  # the interpreter's 16-bit dot is wrong; compiled code keeps the cache dtype
-                s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+                s = tl.dot(q1, tl.trans(k1.to(tl.float32)), input_precision="ieee")
+                s = tl.dot(q2, tl.trans(k2.to(tl.float32)), s, input_precision="ieee")
             else:  # PRECISION: "ieee" for float32 caches (compiled float32 dots default to TF32)
-                s = tl.dot(q.to(k.dtype), tl.trans(k), input_precision=PRECISION)
+                s = tl.dot(q1.to(k1.dtype), tl.trans(k1), input_precision=PRECISION)
+                s = tl.dot(q2.to(k2.dtype), tl.trans(k2), s, input_precision=PRECISION)
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))
             p = tl.exp(s - m_new[:, None])
             alpha = tl.exp(m - m_new)
             l = l * alpha + tl.sum(p, 1)
             if DOT_F32:
-                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+                pv1 = tl.dot(p, v1.to(tl.float32), input_precision="ieee")
+                pv2 = tl.dot(p, v2.to(tl.float32), input_precision="ieee")
             else:
-                pv = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            acc = acc * alpha[:, None] + pv
+                pv1 = tl.dot(p.to(v1.dtype), v1, input_precision=PRECISION)
+                pv2 = tl.dot(p.to(v2.dtype), v2, input_precision=PRECISION)
+            acc1 = acc1 * alpha[:, None] + pv1
+            acc2 = acc2 * alpha[:, None] + pv2
             m = m_new
-        out_ptr = O + token * stride_ob + heads[:, None] * stride_oh + d[None, :]
-        head_mask = g[:, None] < GROUP
+        if ROTARY:
+            if (new >= begin) & (new < end):  # the chunk holding the new position: store it, attend to it
+                k_row = Q + token * stride_qb + (HEADS + kv_head) * (2 * HALF)
+                v_row = Q + token * stride_qb + (HEADS + num_kv + kv_head) * (2 * HALF)
+                x1 = tl.load(k_row + h)
+                x2 = tl.load(k_row + HALF + h)
+                ka = (x1.to(tl.float32) * cos).to(dt).to(tl.float32)
+                kb = (x2.to(tl.float32) * sin).to(dt).to(tl.float32)
+                kc = (x2.to(tl.float32) * cos).to(dt).to(tl.float32)
+                ke = (x1.to(tl.float32) * sin).to(dt).to(tl.float32)
+                k1n, k2n = (ka - kb).to(dt), (kc + ke).to(dt)
+                v1n = tl.load(v_row + h)
+                v2n = tl.load(v_row + HALF + h)
+                tl.store(k_base + new * stride_kl + h, k1n.to(K.dtype.element_ty))
+                tl.store(k_base + new * stride_kl + HALF + h, k2n.to(K.dtype.element_ty))
+                tl.store(v_base + new * stride_vl + h, v1n.to(V.dtype.element_ty))
+                tl.store(v_base + new * stride_vl + HALF + h, v2n.to(V.dtype.element_ty))
+                # as if read back from the cache: rounded to its dtype
+                k1f = k1n.to(K.dtype.element_ty).to(tl.float32)
+                k2f = k2n.to(K.dtype.element_ty).to(tl.float32)
+                s_new = tl.sum(q1 * k1f[None, :], 1) + tl.sum(q2 * k2f[None, :], 1)
+                m_new = tl.maximum(m, s_new)
+                p_new = tl.exp(s_new - m_new)
+                alpha = tl.exp(m - m_new)
+                l = l * alpha + p_new
+                acc1 = acc1 * alpha[:, None] + p_new[:, None] * v1n.to(V.dtype.element_ty).to(tl.float32)[None, :]
+                acc2 = acc2 * alpha[:, None] + p_new[:, None] * v2n.to(V.dtype.element_ty).to(tl.float32)[None, :]
+                m = m_new
+        out_ptr = O + token * stride_ob + heads[:, None] * stride_oh + h[None, :]
         if SPLITS == 1:
-            tl.store(out_ptr, (acc / l[:, None]).to(O.dtype.element_ty), mask=head_mask)
+            tl.store(out_ptr, (acc1 / l[:, None]).to(O.dtype.element_ty), mask=head_mask)
+            tl.store(out_ptr + HALF, (acc2 / l[:, None]).to(O.dtype.element_ty), mask=head_mask)
         else:
             # partials [B, Hkv, SPLITS, GROUP_TILE, (D | 2)]; an empty chunk leaves m = -inf, l = 0
             pair = (b * num_kv + kv_head).to(tl.int64)
             row = (pair * SPLITS + split) * GROUP_TILE + g
-            tl.store(PART_ACC + row[:, None] * HEAD_DIM + d[None, :], acc)
+            acc_ptr = PART_ACC + row[:, None] * (2 * HALF) + h[None, :]
+            tl.store(acc_ptr, acc1)
+            tl.store(acc_ptr + HALF, acc2)
             tl.store(PART_ML + row * 2, m)
             tl.store(PART_ML + row * 2 + 1, l)
             # every thread's partials are in before the ticket moves (acq_rel); the last sees all
@@ -97,15 +156,19 @@ def _kernel():
                 for i in range(SPLITS):
                     m_all = tl.maximum(m_all, tl.load(PART_ML + (rows + i * GROUP_TILE) * 2, cache_modifier=".cg"))
                 total = tl.zeros([GROUP_TILE], tl.float32)
-                out = tl.zeros([GROUP_TILE, HEAD_DIM], tl.float32)
+                out1 = tl.zeros([GROUP_TILE, HALF], tl.float32)
+                out2 = tl.zeros([GROUP_TILE, HALF], tl.float32)
                 for i in range(SPLITS):
                     r = rows + i * GROUP_TILE
                     m_i = tl.load(PART_ML + r * 2, cache_modifier=".cg")
                     l_i = tl.load(PART_ML + r * 2 + 1, cache_modifier=".cg")
                     w = tl.where(l_i > 0, tl.exp(m_i - m_all), 0.0)
                     total += w * l_i
-                    out += w[:, None] * tl.load(PART_ACC + r[:, None] * HEAD_DIM + d[None, :], cache_modifier=".cg")
-                tl.store(out_ptr, (out / total[:, None]).to(O.dtype.element_ty), mask=head_mask)
+                    part = PART_ACC + r[:, None] * (2 * HALF) + h[None, :]
+                    out1 += w[:, None] * tl.load(part, cache_modifier=".cg")
+                    out2 += w[:, None] * tl.load(part + HALF, cache_modifier=".cg")
+                tl.store(out_ptr, (out1 / total[:, None]).to(O.dtype.element_ty), mask=head_mask)
+                tl.store(out_ptr + HALF, (out2 / total[:, None]).to(O.dtype.element_ty), mask=head_mask)
                 tl.atomic_xchg(TICKETS + pair, 0)  # ready for the next launch (graph replays)
 
     return decode_attention_kernel
@@ -137,23 +200,38 @@ def choose_splits(batch: int, kv_heads: int, max_len: int, sms: int, block_l: in
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
                      lengths: torch.Tensor, scale: float, block_l: int = 64, splits: int = 1,
-                     tokens: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                     tokens: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                     rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """q [T, H, D] (row stride free); k/v_cache [slots, Hkv, L, D]; slots, lengths [B] (int).
     tokens [B]: q's row of each sequence (default: rows 0..B-1, then T = B). Returns out [T, H, D]
-    with those rows written (a new tensor unless `out` is given)."""
+    with those rows written (a new tensor unless `out` is given).
+
+    rotary (cos, sin tables [P, D/2]): q is instead the QKV projection's output [T, (H + 2 Hkv) D]
+    of decode tokens at position length - 1, not yet rotated nor cached: the kernel rotates the
+    query and key, stores key and value at (slot, length - 1) and attends to them (rotary and the
+    cache write fused into attention: one launch for all three)."""
     global _COMPILED
     if _COMPILED is None:
         _COMPILED = _kernel()
-    _, H, D = q.shape
     B = slots.shape[0]
-    kv_heads = k_cache.shape[1]
-    if H % kv_heads or D & (D - 1) or q.stride(-1) != 1:
+    kv_heads, D = k_cache.shape[1], k_cache.shape[3]
+    if rotary is not None:
+        H = q.shape[1] // D - 2 * kv_heads
+        q_strides = (q.stride(0), D)
+        cos, sin = rotary
+        if cos.shape[-1] != D // 2 or cos.stride(-1) != 1 or cos.stride() != sin.stride():
+            raise ValueError(f"rotary tables must be row-contiguous [P, {D // 2}], got {tuple(cos.shape)}")
+    else:
+        H = q.shape[1]
+        q_strides = (q.stride(0), q.stride(1))
+        cos = sin = q
+    if H % kv_heads or H <= 0 or D & (D - 1) or D < 32 or q.stride(-1) != 1:
         raise ValueError(f"decode attention needs heads ({H}) a multiple of KV heads ({kv_heads}), "
-                         f"a power-of-two head size ({D}) and q's last dimension contiguous")
+                         f"a power-of-two head size >= 32 ({D}) and q's last dimension contiguous")
     if tokens is None:
         tokens = torch.arange(B, device=q.device)
     if out is None:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        out = torch.empty(q.shape[0], H, D, dtype=q.dtype, device=q.device)
     if B == 0:
         return out
     group = H // kv_heads
@@ -165,10 +243,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     else:
         part_acc = part_ml = tickets = out
     _COMPILED[(B, kv_heads, splits)](
-        q, k_cache, v_cache, out, tokens, slots, lengths, part_acc, part_ml, tickets, scale,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
-        GROUP=group, GROUP_TILE=tile, HEAD_DIM=D, BLOCK_L=block_l, SPLITS=splits, DOT_F32=_INTERPRET,
+        q, k_cache, v_cache, out, tokens, slots, lengths, part_acc, part_ml, tickets, cos, sin, scale,
+        q_strides[0], q_strides[1], k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), cos.stride(0),
+        HEADS=H, GROUP=group, GROUP_TILE=tile, HALF=D // 2, BLOCK_L=block_l, SPLITS=splits,
+        ROTARY=rotary is not None, DOT_F32=_INTERPRET,
         PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
         num_warps=4,
     )

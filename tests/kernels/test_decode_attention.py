@@ -70,3 +70,34 @@ def test_choose_splits():
     assert choose_splits(1, 32, 272, 132) == 5  # 132 / 32 -> 5 chunks, each >= one 64-position block
     assert choose_splits(1, 32, 64, 132) == 1  # one block long: nothing to split
     assert choose_splits(1, 8, 8192, 132) == 17
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rotary_fused_equals_rotary_kv_then_attention(device, splits, dtype):
+    """rotary=(cos, sin): the kernel rotates the QKV row, stores the new key/value and attends to
+    them, as rotary_kv followed by the plain kernel does; the caches end up equal."""
+    from engine.layers.rotary import RotaryEmbedding
+    from kernels.rotary_kv import rotary_kv
+
+    g = torch.Generator().manual_seed(11 + splits)
+    heads, kv_heads, D, slots, cap = 6, 2, 32, 3, 80
+    lengths = torch.tensor([1, 50, 80])  # the new token sits at length - 1 (first position: an empty cache)
+    slot_of = torch.tensor([2, 0, 1])
+    rotary = RotaryEmbedding(D, 128, 10000.0, None, dtype, torch.device(device))
+    qkv = torch.randn(3, (heads + 2 * kv_heads) * D, generator=g).to(device, dtype)
+    k = torch.randn(slots, kv_heads, cap, D, generator=g).to(device, dtype)
+    v = torch.randn(slots, kv_heads, cap, D, generator=g).to(device, dtype)
+    dev = dict(device=device)
+    # reference: rotate and store, then attend with the plain kernel
+    k_ref, v_ref, qkv_ref = k.clone(), v.clone(), qkv.clone()
+    rotary_kv(qkv_ref, heads, kv_heads, D, (lengths - 1).to(**dev), rotary.cos, rotary.sin, slot_of.to(**dev),
+              k_ref, v_ref)
+    want = decode_attention(qkv_ref[:, :heads * D].view(3, heads, D), k_ref, v_ref, slot_of.to(**dev),
+                            lengths.to(**dev), D ** -0.5, block_l=16, splits=splits)
+    got = decode_attention(qkv, k, v, slot_of.to(**dev), lengths.to(**dev), D ** -0.5, block_l=16, splits=splits,
+                           rotary=(rotary.cos, rotary.sin))
+    assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(got.double(), want.double(), atol=tol, rtol=tol), (got.double() - want.double()).abs().max()

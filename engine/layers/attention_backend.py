@@ -1,0 +1,156 @@
+"""Attention's side of the KV cache: the kernels that know the cache's layout.
+
+A backend's one entry point, `attend`, takes a layer's QKV projection output for the step's new
+tokens, rotates queries and keys by their positions, stores keys and values in the cache and
+attends (decode tokens as one batch, prefill chunks one at a time). The model never sees the
+layout: a paged cache brings its own backend and the model file stays as it is.
+
+`SlotAttention` serves `engine.kv_cache.KVCache` (one contiguous run of positions per slot,
+[slots, Hkv, L, D] per layer) with plain torch ops (on CUDA its decode is the unsplit Triton
+kernel, gathered and scattered: SDPA would need a host sync, which graphs cannot capture).
+`TritonSlotAttention` runs a decode-only step as ONE launch per layer: rotary, the cache write
+and split-KV attention fused (kernels.decode_attention with rotary); mixed steps take rotary
+fused with the cache write (kernels.rotary_kv) and then the same attention without it. Prefill
+stays on torch's SDPA in both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine.batch import ForwardBatch
+from engine.kv_cache import KVCache
+from engine.layers.rotary import RotaryEmbedding
+from kernels.decode_attention import choose_splits, decode_attention
+from kernels.rotary_kv import rotary_kv
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    layer: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def scale(self) -> float:
+        return self.head_dim ** -0.5
+
+    def split(self, qkv: torch.Tensor):
+        """qkv [T, (H + 2 Hkv) D] → views q [T, H, D], k, v [T, Hkv, D]."""
+        T, D = qkv.shape[0], self.head_dim
+        q, k, v = qkv.split([self.heads * D, self.kv_heads * D, self.kv_heads * D], dim=-1)
+        return q.view(T, self.heads, D), k.view(T, self.kv_heads, D), v.view(T, self.kv_heads, D)
+
+
+class SlotAttention:
+    name = "torch"
+
+    def attend(self, shape: AttentionShape, qkv: torch.Tensor, batch: ForwardBatch, cache: KVCache | None,
+               rotary: RotaryEmbedding) -> torch.Tensor:
+        """qkv [T, (H + 2 Hkv) D] of the step's new tokens → attention output [T, H, D]."""
+        q, k, v = self.store(shape, qkv, batch, cache, rotary)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        if batch.decode_seq_index:
+            self.decode(shape, q, out, batch, cache)
+        for i in batch.prefill_seq_index:
+            start, n = batch.token_starts[i], batch.query_lens[i]
+            out[start:start + n] = self.prefill(shape, q[start:start + n], k[start:start + n], v[start:start + n],
+                                                cache, batch.slots[i], batch.context_lens[i])
+        return out
+
+    def store(self, shape: AttentionShape, qkv, batch: ForwardBatch, cache: KVCache | None, rotary):
+        """(q, k, v) with q and k rotated; with a cache, k and v written at each token's (slot, position)."""
+        q, k, v = shape.split(qkv)
+        q, k = rotary(batch.positions, q, k)
+        if cache is not None:
+            cache.k[shape.layer][batch.token_slots, :, batch.positions] = k
+            cache.v[shape.layer][batch.token_slots, :, batch.positions] = v
+        return q, k, v
+
+    def decode(self, shape: AttentionShape, q: torch.Tensor, out: torch.Tensor, batch: ForwardBatch,
+               cache: KVCache) -> None:
+        """Fill out's rows of the decode tokens: q [T, H, D] attends to each sequence's cache."""
+        k_cache, v_cache = cache.k[shape.layer], cache.v[shape.layer]
+        idx = batch.decode_token_index
+        if q.is_cuda:
+            out[idx] = decode_attention(q[idx], k_cache, v_cache, batch.decode_slots, batch.decode_kv_lens,
+                                        shape.scale)
+            return
+        length = int(batch.decode_kv_lens.max())
+        if batch.decode_slot_range is not None:
+            first, count = batch.decode_slot_range
+            keys, values = k_cache[first:first + count, :, :length], v_cache[first:first + count, :, :length]
+        else:
+            keys = k_cache.index_select(0, batch.decode_slots)[:, :, :length]
+            values = v_cache.index_select(0, batch.decode_slots)[:, :, :length]
+        o = F.scaled_dot_product_attention(q[idx].unsqueeze(2), keys, values, attn_mask=batch.decode_mask,
+                                           scale=shape.scale, enable_gqa=shape.heads != shape.kv_heads)
+        out[idx] = o.squeeze(2)
+
+    def prefill(self, shape: AttentionShape, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                cache: KVCache | None, slot: int, context: int) -> torch.Tensor:
+        """Causal attention of one sequence's n new tokens (q [n, H, D], k/v [n, Hkv, D]) after
+        `context` cached positions → [n, H, D]."""
+        n = q.shape[0]
+        gqa = shape.heads != shape.kv_heads
+        q = q.transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+        if context == 0:
+            keys, values = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=shape.scale, enable_gqa=gqa)
+        else:
+            keys = cache.k[shape.layer][slot: slot + 1, :, : context + n]
+            values = cache.v[shape.layer][slot: slot + 1, :, : context + n]
+            mask = torch.ones(n, context + n, dtype=torch.bool, device=q.device).tril(diagonal=context)
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=shape.scale, enable_gqa=gqa)
+        return o.squeeze(0).transpose(0, 1)
+
+
+class TritonSlotAttention(SlotAttention):
+    name = "triton"
+
+    def __init__(self):
+        self._sms: dict[torch.device, int] = {}
+
+    def attend(self, shape, qkv, batch, cache, rotary):
+        if cache is None or not batch.all_decode:
+            return super().attend(shape, qkv, batch, cache, rotary)
+        if qkv.stride(-1) != 1:
+            qkv = qkv.contiguous()
+        out = torch.empty(qkv.shape[0], shape.heads, shape.head_dim, dtype=qkv.dtype, device=qkv.device)
+        self._attention(shape, qkv, out, batch, cache, rotary=(rotary.cos, rotary.sin))
+        return out
+
+    def store(self, shape, qkv, batch, cache, rotary):
+        if qkv.stride(-1) != 1:
+            qkv = qkv.contiguous()
+        rotary_kv(qkv, shape.heads, shape.kv_heads, shape.head_dim, batch.positions, rotary.cos, rotary.sin,
+                  batch.token_slots if cache is not None else None,
+                  cache.k[shape.layer] if cache is not None else None,
+                  cache.v[shape.layer] if cache is not None else None)
+        return shape.split(qkv)
+
+    def decode(self, shape, q, out, batch, cache):
+        self._attention(shape, q, out, batch, cache)
+
+    def _attention(self, shape, q, out, batch, cache, rotary=None) -> None:
+        # no host sync: lengths stay on the device; the split count follows the cache's capacity
+        k_cache = cache.k[shape.layer]
+        splits = choose_splits(batch.decode_slots.shape[0], shape.kv_heads, cache.capacity,
+                               self._multiprocessors(k_cache.device))
+        decode_attention(q, k_cache, cache.v[shape.layer], batch.decode_slots, batch.decode_kv_lens, shape.scale,
+                         splits=splits, tokens=batch.decode_token_index, out=out, rotary=rotary)
+
+    def _multiprocessors(self, device: torch.device) -> int:
+        if device not in self._sms:
+            self._sms[device] = (torch.cuda.get_device_properties(device).multi_processor_count
+                                 if device.type == "cuda" else 4)  # interpreter: a few, to exercise splits
+        return self._sms[device]
+
+
+def slot_attention_backend(fused: bool) -> SlotAttention:
+    """The backend of the slot cache: Triton kernels when `fused`, else torch."""
+    return TritonSlotAttention() if fused else SlotAttention()
