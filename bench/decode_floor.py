@@ -16,29 +16,7 @@ from pathlib import Path
 
 import torch
 
-
-def copy_bandwidth(device: str, nbytes: int = 1 << 30, repeats: int = 20) -> float:
-    """Bytes per second moved (read + written) by a device-to-device copy."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    if device == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeats):
-            dst.copy_(src)
-        end.record()
-        torch.cuda.synchronize()
-        seconds = start.elapsed_time(end) / 1e3
-    else:
-        import time
-
-        began = time.perf_counter()
-        for _ in range(repeats):
-            dst.copy_(src)
-        seconds = time.perf_counter() - began
-    return 2 * nbytes * repeats / seconds
+from launch.step_breakdown import copy_bandwidth  # one definition, shared with the throughput bench
 
 
 def weight_bytes_per_token(model_dir: Path) -> int:

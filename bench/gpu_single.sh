@@ -121,4 +121,21 @@ PYEOF
     --throughput "$OUT/graphs/throughput.json" "$OUT/eager/throughput.json"
   rm -f "$OUT"/*/throughput.png "$OUT"/*/throughput.md  # 8 files come back at most; the tables are in the log
 fi
+# 4. the decode step, before/after the fused non-matmul kernels (engine option kernels): per-kernel
+#    times in graphs (bench/decode_kernels.py), then Llama-2-7B-shaped random weights made in place
+#    (GPTQ-int4 g128 and fp16), in-process (executor uni: the step breakdown needs the worker), both
+#    kernel paths (KERNEL_PATHS, default torch,auto) in the same run. DECODE_BATCHES (1,16,64).
+if want decode; then
+  decode_batches=${DECODE_BATCHES:-1,16,64}
+  paths=${KERNEL_PATHS:-torch,auto}
+  [ "$TINY" = 1 ] && { decode_batches=1,2; paths=${KERNEL_PATHS:-torch,triton}; export TRITON_INTERPRET=1; }
+  [ "$TINY" = 1 ] || tstep 60 $PY bench/decode_kernels.py --shape $shape --batch ${decode_batches//,/ } \
+    --json "$OUT/decode-kernels.json"
+  warm --models $shape --formats gptq4 --dtype fp16 --m 1 2 4 8 16 32 64 128 256 512
+  for quant in ${DECODE_QUANTS:-gptq-w4g128 none}; do
+    tstep 280 $PY -m launch.cli bench throughput --shape $shape --quant $quant --executor uni --kernels $paths \
+      --tp 1 --batch $decode_batches $lens --dtype float16 --device $device --hf off --out "$OUT/decode-$quant"
+  done
+  rm -rf "$OUT"/decode-*/model-* "$OUT"/decode-*/throughput.png "$OUT"/decode-*/throughput.md  # 8 files come back
+fi
 echo "results in $OUT" | tee -a "$log"

@@ -59,6 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench-out/throughput", help="directory for throughput.json and .png")
     p.add_argument("--ray-address", default=None, help="ray executor: cluster address (default: a local one)")
     p.add_argument("--ray-num-cpus", type=int, default=None, help="ray executor: CPUs of the local cluster")
+    p.add_argument("--kernels", default="auto",
+                   help="comma-separated engine kernel paths for the layers' non-matmul work: auto, torch, triton "
+                        "(each one a configuration: e.g. torch,auto gives before/after in one run)")
     p.add_argument("--eager", action="store_true",
                    help="CUDA: no graph replay (every all-reduce is then timed; replayed steps are not)")
     p.add_argument("--seed", type=int, default=0)
@@ -84,7 +87,8 @@ def _measure_here(args) -> dict | None:
     (tp,) = _ints(args.tp)
     return measure_qshard(args.model, tp=tp, executor=args.executor, dtype=args.dtype, device=args.device,
                           batches=_ints(args.batch), input_len=args.input_len, output_len=args.output_len,
-                          seed=args.seed, load_format=args.load_format, executor_options=_executor_options(args))
+                          seed=args.seed, load_format=args.load_format, executor_options=_executor_options(args),
+                          kernels=args.kernels)
 
 
 def _measure_cmd(args) -> int:
@@ -159,6 +163,17 @@ def _common(args, model_dir: str, load_format: str, device: str, dtype: str) -> 
     return out
 
 
+def _kernel_paths(args) -> list[str]:
+    from engine.layers.kernel_choice import KERNELS
+    from kernels.errors import InputError
+
+    paths = [k.strip() for k in args.kernels.split(",") if k.strip()]
+    bad = [k for k in paths if k not in KERNELS]
+    if not paths or bad:
+        raise InputError(f"--kernels takes a comma-separated list of {', '.join(KERNELS)}, got {args.kernels!r}")
+    return list(dict.fromkeys(paths))
+
+
 def _orchestrate(args) -> int:
     import torch
 
@@ -174,10 +189,11 @@ def _orchestrate(args) -> int:
     dtypes = list(dict.fromkeys(str(resolve_dtype(d.strip(), cfg, device)).replace("torch.", "")
                                 for d in args.dtype.split(",") if d.strip()))
     tps, _ = _ints(args.tp), _ints(args.batch)
+    kernel_paths = _kernel_paths(args)
     report = {"config": {"model": Path(model_dir).name, "model_dir": model_dir, "load_format": load_format,
                          "shape": args.shape, "quant": args.quant, "executor": args.executor, "device": device,
                          "tp": tps, "batches": _ints(args.batch), "dtypes": dtypes, "input_len": args.input_len,
-                         "output_len": args.output_len, "seed": args.seed},
+                         "output_len": args.output_len, "seed": args.seed, "kernels": kernel_paths},
               "machine": _machine(device), "results": [], "runs": [], "hf": [], "hf_skipped": {}, "failures": []}
     tmp = Path(tempfile.mkdtemp(prefix="qshard-bench-"))
     me = [sys.executable, "-m", "launch.bench_throughput"]
@@ -196,16 +212,18 @@ def _orchestrate(args) -> int:
             else:
                 report["hf"] += [{**r, "dtype": dtype} for r in hf["rows"]]
                 report["hf_transformers"] = hf.get("transformers")
-        for tp in tps:
-            path = tmp / f"qshard-{dtype}-tp{tp}.json"
+        for kernels, tp in [(k, t) for k in kernel_paths for t in tps]:
+            path = tmp / f"qshard-{dtype}-{kernels}-tp{tp}.json"
             if args.executor == "torchrun":
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp}",
                        "-m", "launch.torchrun", "--log-level", "WARNING", "bench", "throughput", *common,
-                       "--measure", str(path)]
+                       "--kernels", kernels, "--measure", str(path)]
             else:
-                cmd = me + common + ["--tp", str(tp), "--executor", args.executor, "--measure", str(path)]
+                cmd = me + common + ["--tp", str(tp), "--executor", args.executor, "--kernels", kernels,
+                                     "--measure", str(path)]
             try:
-                run = _child(cmd, path, args.config_timeout, f"qshard tp={tp} {dtype} ({args.executor})")
+                run = _child(cmd, path, args.config_timeout, f"qshard tp={tp} {dtype} kernels={kernels} "
+                                                             f"({args.executor})")
             except RuntimeError as e:
                 logger.error("%s", e)
                 report["failures"].append(str(e).splitlines()[0])

@@ -43,16 +43,18 @@ def _per_step(stats: list[dict], name: str, steps: int) -> list[tuple[float, flo
 
 def measure_qshard(model_dir: str, *, tp: int, executor: str, dtype: str, device: str, batches: list[int],
                    input_len: int, output_len: int, seed: int = 0, load_format: str = "auto",
-                   executor_options: dict | None = None) -> dict | None:
+                   executor_options: dict | None = None, kernels: str = "auto") -> dict | None:
     """Rows of tokens/s, memory and collective time per batch size; None on SPMD follower ranks.
-    `executor_options` are further LLM keyword arguments (executor options, cuda_graphs)."""
+    `executor_options` are further LLM keyword arguments (executor options, cuda_graphs); `kernels`
+    is the engine option for the layers' non-matmul work. In-process (executor uni) on CUDA, each
+    row also breaks the decode step down (launch.step_breakdown)."""
     from engine import LLM, SamplingParams
 
     start = time.perf_counter()
     llm = LLM(model_dir, tensor_parallel_size=tp, executor=executor, dtype=dtype, device=device,
               max_num_seqs=max(batches), max_num_batched_tokens=max(8192, max(batches) * input_len),
               max_model_len=input_len + output_len + 16, load_format=load_format, progress=False, seed=seed,
-              **(executor_options or {}))
+              kernels=kernels, **(executor_options or {}))
     with llm:
         load_s = time.perf_counter() - start
         ex = llm.executor
@@ -62,6 +64,13 @@ def measure_qshard(model_dir: str, *, tp: int, executor: str, dtype: str, device
             llm.generate(prompts[:b], warm)
         load_stats = ex.collect_stats(reset=True)
         params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+        worker = getattr(ex, "worker", None)  # in-process only
+        breakdown = worker is not None and worker.ctx.device.type == "cuda" and output_len > 1
+        bandwidth = None
+        if breakdown:
+            from launch import step_breakdown
+
+            bandwidth = step_breakdown.copy_bandwidth(worker.ctx.device)
         rows = []
         for b in batches:
             steps_before = ex.steps_run
@@ -79,7 +88,13 @@ def measure_qshard(model_dir: str, *, tp: int, executor: str, dtype: str, device
                       "memory_mib": (s["memory_bytes"] or 0) / MIB,
                       "all_reduce_ms_per_step": reduce[i][0], "all_reduce_calls_per_step": reduce[i][1],
                       "all_gather_ms_per_step": gather[i][0]} for i, s in enumerate(stats)]
-            rows.append({"tp": tp, "batch": b, "tokens": tokens, "elapsed_s": elapsed,
+            row_breakdown = None
+            if breakdown:
+                row_breakdown = _breakdown(llm, worker, prompts[:b], b, elapsed, steps, input_len, output_len,
+                                           bandwidth)
+                ex.collect_stats(reset=True)  # the next batch's window starts clean
+            rows.append({"tp": tp, "batch": b, "kernels": kernels, "breakdown": row_breakdown,
+                         "tokens": tokens, "elapsed_s": elapsed,
                          "tokens_per_s": tokens / elapsed, "steps": steps, "step_ms": 1000 * elapsed / max(steps, 1),
                          "all_reduce_ms_per_step": reduce[0][0] if reduce else 0.0,
                          "peak_memory_mib_max": max(r["peak_memory_mib"] for r in ranks) if ranks else 0.0,
@@ -92,6 +107,38 @@ def measure_qshard(model_dir: str, *, tp: int, executor: str, dtype: str, device
                 "device": llm.config.device, "load_s": load_s,
                 "load_peak_memory_mib": [(s["peak_memory_bytes"] or 0) / MIB for s in load_stats],
                 "rows": rows}
+
+
+def _breakdown(llm, worker, prompts, b: int, elapsed: float, steps: int, input_len: int, output_len: int,
+               bandwidth: float) -> dict:
+    """The decode step of batch b: its wall time (the prefill step timed apart and taken out), the
+    graph's GPU time and kernel split, the host gap between them, and the bandwidth floor."""
+    from engine import SamplingParams
+    from launch import step_breakdown
+
+    t = time.perf_counter()
+    llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+    prefill_s = time.perf_counter() - t
+    decode_ms = 1000 * (elapsed - prefill_s) / max(steps - 1, 1)
+    out = {"prefill_s": prefill_s, "decode_step_ms": decode_ms, "decode_tokens_per_s": b / decode_ms * 1e3}
+    graph = step_breakdown.graph_breakdown(worker, b)
+    if graph is not None:
+        out.update(graph)
+        n = 8
+        try:
+            alone = step_breakdown.kernel_ms(lambda: llm.generate(prompts, SamplingParams(
+                max_tokens=1, temperature=0, ignore_eos=True)))
+            with_decode = step_breakdown.kernel_ms(lambda: llm.generate(prompts, SamplingParams(
+                max_tokens=1 + n, temperature=0, ignore_eos=True)))
+            if alone is not None and with_decode is not None and "kernels_ms" in graph:
+                out["outside_graph_gpu_ms"] = max(0.0, (with_decode - alone) / n - graph["kernels_ms"])
+        except Exception as e:  # a report, never a reason to lose the row
+            out["profile_error"] = f"loop profile: {type(e).__name__}: {e}"
+        out["host_gap_ms"] = decode_ms - graph["gpu_step_ms"] - out.get("outside_graph_gpu_ms", 0.0)
+    fl = step_breakdown.floor(worker, b, input_len + output_len / 2, bandwidth)
+    out.update(fl)
+    out["share_of_floor"] = fl["floor_step_ms"] / decode_ms
+    return out
 
 
 def measure_hf(model_dir: str, *, dtype: str, device: str, batches: list[int], input_len: int, output_len: int,

@@ -6,14 +6,18 @@ import json
 from pathlib import Path
 
 
+def _kernels(r: dict) -> str:
+    return r.get("kernels", "auto")
+
+
 def add_ratios(report: dict) -> None:
-    """Speed-up vs TP=1 (same dtype, batch) and ratio to HF transformers, on every qshard row."""
-    base = {(r["dtype"], r["batch"]): r["tokens_per_s"] for r in report["results"] if r["tp"] == 1}
+    """Speed-up vs TP=1 (same dtype, kernels, batch) and ratio to HF transformers, on every qshard row."""
+    base = {(r["dtype"], _kernels(r), r["batch"]): r["tokens_per_s"] for r in report["results"] if r["tp"] == 1}
     hf = {(h["dtype"], h["batch"]): h["tokens_per_s"] for h in report["hf"]}
     for r in report["results"]:
-        key = (r["dtype"], r["batch"])
+        key = (r["dtype"], _kernels(r), r["batch"])
         r["speedup_vs_tp1"] = r["tokens_per_s"] / base[key] if key in base else None
-        r["ratio_vs_hf"] = r["tokens_per_s"] / hf[key] if key in hf else None
+        r["ratio_vs_hf"] = r["tokens_per_s"] / hf[key[0], key[2]] if (key[0], key[2]) in hf else None
 
 
 def _fmt(x, spec: str) -> str:
@@ -27,23 +31,51 @@ def table(report: dict) -> str:
             f"{c['input_len']} in / {c['output_len']} out tokens, greedy, warm-up excluded\n"
             f"machine: {m['cpus']} CPUs{', ' + m['gpu'] if m.get('gpu') else ''}, load average "
             f"{m['loadavg_start'][0]:.2f} at start, {m['loadavg_end'][0]:.2f} at end\n")
-    lines = ["| dtype | tp | batch | tokens/s | speedup vs tp=1 | vs HF | ms/step | all-reduce ms/step "
+    lines = ["| dtype | kernels | tp | batch | tokens/s | speedup vs tp=1 | vs HF | ms/step | all-reduce ms/step "
              "| peak mem/rank MiB | tokens equal tp=1 |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    first = {(r["dtype"], r["batch"]): r["tokens_digest"] for r in report["results"] if r["tp"] == 1}
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    first = {(r["dtype"], _kernels(r), r["batch"]): r["tokens_digest"] for r in report["results"] if r["tp"] == 1}
     for h in report["hf"]:
-        lines.append(f"| {h['dtype']} | HF | {h['batch']} | {h['tokens_per_s']:.1f} | - | 1.00 | - | - "
+        lines.append(f"| {h['dtype']} | - | HF | {h['batch']} | {h['tokens_per_s']:.1f} | - | 1.00 | - | - "
                      f"| {h['peak_memory_mib']:.0f} | - |")
-    for r in sorted(report["results"], key=lambda r: (r["dtype"], r["batch"], r["tp"])):
+    for r in sorted(report["results"], key=lambda r: (r["dtype"], _kernels(r), r["batch"], r["tp"])):
         mem = "/".join(f"{x['peak_memory_mib']:.0f}" for x in r["ranks"])
-        same = first.get((r["dtype"], r["batch"]))
+        same = first.get((r["dtype"], _kernels(r), r["batch"]))
         same = "-" if same is None else ("yes" if same == r["tokens_digest"] else "no")
-        lines.append(f"| {r['dtype']} | {r['tp']} | {r['batch']} | {r['tokens_per_s']:.1f} "
+        lines.append(f"| {r['dtype']} | {_kernels(r)} | {r['tp']} | {r['batch']} | {r['tokens_per_s']:.1f} "
                      f"| {_fmt(r['speedup_vs_tp1'], '.2f')} | {_fmt(r['ratio_vs_hf'], '.2f')} | {r['step_ms']:.1f} "
                      f"| {r['all_reduce_ms_per_step']:.2f} | {mem} | {same} |")
+    lines += breakdown_table(report)
     notes = [f"HF skipped ({d}): {why}" for d, why in report.get("hf_skipped", {}).items()]
     notes += [f"failed: {f}" for f in report.get("failures", [])]
     return head + "\n".join(lines) + ("\n" + "\n".join(notes) if notes else "") + "\n"
+
+
+def breakdown_table(report: dict) -> list[str]:
+    """The decode step broken down (rows measured in-process on CUDA: launch.step_breakdown)."""
+    rows = [r for r in report["results"] if r.get("breakdown")]
+    if not rows:
+        return []
+    out = ["", "decode step (ms): wall = GPU in the graph + GPU outside it (upload, sampling) + host gap (GPU idle); "
+               "GPU in the graph = quantized matmul + dense matmul + attention + other kernels + gaps between them; "
+               "floor = weights + KV cache at the mean context over the copy bandwidth",
+           "| dtype | kernels | batch | decode tok/s | wall | GPU graph | quant mm | dense mm | attention | other "
+           "| in-graph gaps | outside graph | host gap | launches | floor | share of floor | tokens equal |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    digests = {}
+    for r in report["results"]:
+        digests.setdefault((r["dtype"], r["tp"], r["batch"]), set()).add(r["tokens_digest"])
+    for r in sorted(rows, key=lambda r: (r["dtype"], r["batch"], _kernels(r))):
+        b = r["breakdown"]
+        same = "yes" if len(digests[(r["dtype"], r["tp"], r["batch"])]) == 1 else "no"
+        cells = [b.get(k) for k in ("decode_step_ms", "gpu_step_ms", "quant_matmul_ms", "dense_matmul_ms",
+                                    "attention_ms", "other_ms", "in_graph_gaps_ms", "outside_graph_gpu_ms",
+                                    "host_gap_ms")]
+        out.append(f"| {r['dtype']} | {_kernels(r)} | {r['batch']} | {_fmt(b.get('decode_tokens_per_s'), '.1f')} | "
+                   + " | ".join(_fmt(c, ".3f") for c in cells)
+                   + f" | {_fmt(b.get('launches_per_step'), '.0f')} | {_fmt(b.get('floor_step_ms'), '.3f')} "
+                   f"| {_fmt(100 * b['share_of_floor'] if b.get('share_of_floor') else None, '.0f')}% | {same} |")
+    return out
 
 
 def write_json(report: dict, path: Path) -> None:

@@ -1,0 +1,155 @@
+"""Where a CUDA-graph decode step's time goes, measured in the engine's own process.
+
+- GPU time of the step: the captured graph of the batch's bucket replayed back to back, timed
+  with CUDA events (its kernels plus the gaps between them inside the graph).
+- Its kernels, from one torch.profiler pass over a few replays: quantized matmuls (the Triton
+  `quant_matmul_kernel`), dense matmuls (cuBLAS/CUTLASS: the LM head, fp16 layers), decode
+  attention, and everything else (norms, rotary, activation, copies), with launches per step.
+- Outside the graph: kernels a real decode step runs besides the replay (input upload, sampling,
+  read-back), from profiling the engine loop over N decode steps and over the prefill alone.
+- Host gap: the engine loop's wall time per decode step minus the GPU time in and outside the
+  graph: Python (scheduler, worker, sampler bookkeeping) and synchronisation, the GPU idle.
+- The floor: bytes a step must read (every weight once, the KV cache up to the mean context)
+  over the device's copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DENSE_MATMUL = ("gemm", "gemv", "cutlass", "nvjet", "xmma", "cublas", "splitkreduce", "sm90_")
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    if "quant_matmul" in low:
+        return "quant_matmul"
+    if any(k in low for k in DENSE_MATMUL):
+        return "dense_matmul"
+    if "decode_attention" in low:
+        return "attention"
+    return "other"
+
+
+def copy_bandwidth(device: str | torch.device, nbytes: int = 1 << 30, repeats: int = 20) -> float:
+    """Bytes per second moved (read + written) by a device-to-device copy."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    if torch.device(device).type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            dst.copy_(src)
+        end.record()
+        torch.cuda.synchronize()
+        seconds = start.elapsed_time(end) / 1e3
+    else:
+        import time
+
+        began = time.perf_counter()
+        for _ in range(repeats):
+            dst.copy_(src)
+        seconds = time.perf_counter() - began
+    return 2 * nbytes * repeats / seconds
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the tensors a decode step reads whole: every parameter and buffer once (a tied LM
+    head counts its table once), less an untied embedding table and the rotary tables (one row each)."""
+    seen, total = set(), 0
+    tied = getattr(model, "lm_head", None) is not None and getattr(model.lm_head, "weight", None) is \
+        getattr(model.embed_tokens, "weight", None)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t is None or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("cos", "sin") or (name.startswith("embed_tokens") and not tied):
+            continue
+        total += t.numel() * t.element_size()
+    return total
+
+
+def kv_bytes_per_position(model: torch.nn.Module, cache) -> int:
+    return 2 * cache.num_layers * cache.num_kv_heads * cache.head_dim * torch.empty(0, dtype=cache.dtype).element_size()
+
+
+def kernel_ms(fn) -> float | None:
+    """Summed duration (ms) of the CUDA kernels `fn` launches, from one profiler pass (None if it saw none)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    us = [e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA]
+    return sum(us) / 1e3 if us else None
+
+
+def graph_breakdown(worker, batch: int, replays: int = 50, profiled: int = 5) -> dict | None:
+    """GPU time and kernel split of the decode graph that serves `batch` sequences (None without graphs)."""
+    graphs = getattr(worker, "graphs", None)
+    if graphs is None or not graphs.can_run(batch):
+        return None
+    size = next(s for s in sorted(graphs.graphs) if s >= batch)
+    graph = graphs.graphs[size]
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    gpu_ms = start.elapsed_time(end) / replays
+    out = {"graph_batch": size, "gpu_step_ms": gpu_ms}
+    try:
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(profiled):
+                graph.replay()
+            torch.cuda.synchronize()
+        times = {"quant_matmul": 0.0, "dense_matmul": 0.0, "attention": 0.0, "other": 0.0}
+        others: dict[str, float] = {}
+        launches = 0
+        for e in prof.events():
+            if e.device_type != DeviceType.CUDA:
+                continue
+            us = e.time_range.elapsed_us()
+            kind = kernel_kind(e.name)
+            times[kind] += us
+            launches += 1
+            if kind == "other":
+                others[e.name] = others.get(e.name, 0.0) + us
+        if launches == 0:
+            out["profile_error"] = "the profiler saw no kernels inside the graph replays"
+            return out
+        per = 1e-3 / profiled  # us over `profiled` replays -> ms per step
+        out.update({f"{k}_ms": v * per for k, v in times.items()})
+        out["kernels_ms"] = sum(times.values()) * per
+        out["in_graph_gaps_ms"] = max(0.0, gpu_ms - out["kernels_ms"])
+        out["launches_per_step"] = launches / profiled
+        top = sorted(others.items(), key=lambda kv: -kv[1])[:8]
+        out["top_other_kernels"] = [{"name": n[:90], "ms_per_step": v * per} for n, v in top]
+    except Exception as e:  # the breakdown is a report, never a reason to lose the throughput figure
+        logger.warning("profiling the decode graph failed: %s", e)
+        out["profile_error"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def floor(worker, batch: int, mean_context: float, bandwidth: float) -> dict:
+    """The bandwidth floor of one decode step at `batch` sequences of `mean_context` positions."""
+    w = weight_bytes(worker.model)
+    kv = kv_bytes_per_position(worker.model, worker.cache) * batch * mean_context
+    step_ms = 1e3 * (w + kv) / bandwidth
+    return {"weight_bytes": w, "kv_bytes": kv, "copy_bandwidth_bytes_per_s": bandwidth, "floor_step_ms": step_ms,
+            "floor_tokens_per_s": batch / step_ms * 1e3}
