@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from kernels.errors import QShardError
+from kernels.errors import InputError, QShardError
 
 logger = logging.getLogger(__name__)
 
@@ -57,17 +57,26 @@ class ModelConfig:
         path = Path(path)
         cfg_path = path / "config.json"
         if not path.is_dir():
-            raise ConfigError(f"model directory {path} does not exist")
+            raise ConfigError(f"model directory {path} " + ("is a file, not a directory" if path.exists() else "does not exist"))
         if not cfg_path.exists():
             raise ConfigError(f"{path} has no config.json: not an HF model directory")
         try:
             raw = json.loads(cfg_path.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"{cfg_path} is not valid JSON: {e}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{cfg_path} cannot be read: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{cfg_path} holds a JSON {type(raw).__name__}, not an object of model fields")
+        if raw.get("quantization_config") is not None and not isinstance(raw["quantization_config"], dict):
+            raise ConfigError(f"{cfg_path}: quantization_config must be an object, got {raw['quantization_config']!r}")
         quant = raw.get("quantization_config")
         qc_file = path / "quantize_config.json"  # older AutoGPTQ checkpoints keep it apart
         if quant is None and qc_file.exists():
-            quant = json.loads(qc_file.read_text())
+            try:
+                quant = json.loads(qc_file.read_text())
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{qc_file} is not valid JSON: {e}") from None
             quant.setdefault("quant_method", "gptq")
         gen_eos = _generation_eos(path)
         return cls.from_dict(raw, quant, gen_eos, where=str(cfg_path))
@@ -139,8 +148,8 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
         return name
     try:
         return _DTYPES[name]
-    except KeyError:
-        raise ConfigError(f"unknown dtype {name!r}; use one of float32, bfloat16, float16, auto") from None
+    except (KeyError, TypeError):  # an argument, not config.json: InputError
+        raise InputError(f"unknown dtype {name!r}; use one of float32, bfloat16, float16, auto") from None
 
 
 def _generation_eos(path: Path) -> tuple[int, ...]:

@@ -15,13 +15,19 @@ from tqdm import tqdm
 
 from engine.config import ModelConfig, parse_dtype
 from engine.default_model import prepare_default
+from engine.devices import resolve_device
 from engine.engine_config import EngineConfig
+from engine.executor import available as available_executors
 from engine.executor import executor_class, resolve_name
+from engine.prompts import as_prompt_list, check_conversation, check_prompt
 from engine.sampling import SamplingParams
+from engine.weights import checkpoint_files
+from kernels.errors import InputError
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence as Seq
 from engine.step import StepInput
 from parallel.sharding import check_heads
+from quant import get_loader
 
 logger = logging.getLogger(__name__)
 
@@ -65,33 +71,70 @@ def load_tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(str(path))
 
 
+def check_engine_args(**values: Any) -> None:
+    """Engine sizes and the seed: positive integers (max_model_len may be None; seed >= 0)."""
+    for name, value in values.items():
+        if value is None and name == "max_model_len":
+            continue
+        low = 0 if name == "seed" else 1
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            want = "an integer >= 0" if low == 0 else "a positive integer"
+            raise InputError(f"{name} must be {want}, got {value!r}")
+
+
+@dataclass
+class Plan:
+    """What `preflight` resolved: the model directory, its config, the executor, device and dtype."""
+
+    path: Path
+    model_config: ModelConfig
+    executor: str
+    device: str
+    dtype: torch.dtype
+
+
+def preflight(model: str | Path, tensor_parallel_size: int = 1, executor: str = "auto", device: str = "auto",
+              dtype: str | torch.dtype = "auto", load_format: str = "auto", **sizes: Any) -> Plan:
+    """Everything `LLM` can refuse before any process starts or any weight is read: the sizes,
+    executor, config.json, the split, the device, dtype, quantization_config and the checkpoint's
+    files. A front end may call it first (it reads only JSON files and safetensors headers' names)."""
+    check_engine_args(tensor_parallel_size=tensor_parallel_size, **sizes)
+    if load_format not in ("auto", "dummy"):
+        raise InputError(f"load_format must be 'auto' or 'dummy' (random weights), got {load_format!r}")
+    if executor != "auto" and executor not in available_executors():
+        raise InputError(f"unknown executor {executor!r}; available: {', '.join(available_executors())} (or 'auto')")
+    path = resolve_model_path(model)
+    cfg = ModelConfig.from_dir(path)
+    check_heads(cfg.num_attention_heads, cfg.num_key_value_heads, tensor_parallel_size)
+    executor_name = resolve_name(executor, tensor_parallel_size)
+    if executor_name == "uni" and tensor_parallel_size != 1:
+        raise InputError(f"the uni executor runs tensor_parallel_size=1 only, got {tensor_parallel_size}; "
+                         f"use executor 'mp' or 'ray'")
+    device = resolve_device(device, tensor_parallel_size, executor_name)
+    get_loader(cfg.quantization_config)  # parses and validates quantization_config
+    if load_format == "auto":
+        checkpoint_files(path)
+    return Plan(path, cfg, executor_name, device, resolve_dtype(dtype, cfg, device))
+
+
 class LLM:
     def __init__(self, model: str | Path = "default", tensor_parallel_size: int = 1, executor: str = "auto",
                  dtype: str | torch.dtype = "auto", device: str = "auto", max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 8192, max_model_len: int | None = None, seed: int = 0,
                  progress: bool = True, dist_timeout_s: float = 120.0, cuda_graphs: bool = True,
                  load_format: str = "auto", kernels: str = "auto", **executor_options: Any):
-        if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size must be a positive integer, got {tensor_parallel_size!r}")
-        if load_format not in ("auto", "dummy"):
-            raise ValueError(f"load_format must be 'auto' or 'dummy' (random weights), got {load_format!r}")
-        path = resolve_model_path(model)
-        cfg = ModelConfig.from_dir(path)
-        # Refuse an impossible split before any process starts or any weight is read.
-        check_heads(cfg.num_attention_heads, cfg.num_key_value_heads, tensor_parallel_size)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device not in ("cpu", "cuda"):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+        plan = preflight(model, tensor_parallel_size, executor, device, dtype, load_format, max_num_seqs=max_num_seqs,
+                         max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len, seed=seed)
+        path, cfg = plan.path, plan.model_config
         self.model_config = cfg
         self.config = EngineConfig(
-            model_path=str(path), tensor_parallel_size=tensor_parallel_size, dtype=resolve_dtype(dtype, cfg, device),
-            device=device, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            model_path=str(path), tensor_parallel_size=tensor_parallel_size, dtype=plan.dtype,
+            device=plan.device, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             max_model_len=min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings),
             seed=seed, progress=progress, dist_timeout_s=dist_timeout_s, cuda_graphs=cuda_graphs,
             load_format=load_format, kernels=kernels)
         self.tokenizer = load_tokenizer(path)
-        self.executor_name = resolve_name(executor, tensor_parallel_size)
+        self.executor_name = plan.executor
         self.executor = executor_class(self.executor_name)(self.config, **executor_options)
         self._ids = itertools.count()
         atexit.register(self.shutdown)
@@ -111,15 +154,8 @@ class LLM:
 
     # -- requests -------------------------------------------------------------------------------
 
-    def _tokenize(self, prompt: str | Sequence[int]) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError(f"{self.config.model_path} has no tokenizer: pass prompts as token-id lists")
-            return prompt, self.tokenizer(prompt)["input_ids"]
-        ids = list(prompt)
-        if not ids or not all(isinstance(t, int) and 0 <= t < self.model_config.vocab_size for t in ids):
-            raise ValueError(f"a token-id prompt must be a non-empty list of ints in [0, {self.model_config.vocab_size})")
-        return None, ids
+    def _tokenize(self, index: int, prompt) -> tuple[str | None, list[int]]:
+        return check_prompt(index, prompt, self.tokenizer, self.model_config.vocab_size, self.config.model_path)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
@@ -127,8 +163,13 @@ class LLM:
     def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
              sampling_params: SamplingParams | None = None, **kwargs) -> list[RequestOutput]:
         if self.tokenizer is None:
-            raise ValueError(f"{self.config.model_path} has no tokenizer, so no chat template")
-        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+            raise InputError(f"{self.config.model_path} has no tokenizer, so no chat template")
+        if not isinstance(messages, (list, tuple)):
+            raise InputError(f"chat messages must be a list of {{'role', 'content'}} dicts (or a list of such lists), "
+                             f"got {type(messages).__name__}")
+        conversations = messages if messages and isinstance(messages[0], (list, tuple)) else [messages]
+        for i, conversation in enumerate(conversations):
+            check_conversation(i, conversation)
         prompts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
                    for c in conversations]
         return self.generate(prompts, sampling_params, **kwargs)
@@ -138,19 +179,23 @@ class LLM:
                  use_tqdm: bool = False) -> list[RequestOutput]:
         if self.executor is None:
             raise RuntimeError("this LLM has been shut down")
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        # every prompt and parameter set is checked before the first step runs
+        prompts = as_prompt_list(prompts)
         if self.executor.is_follower:
             return self._follow(prompts)
         params = sampling_params or SamplingParams()
         params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling parameter sets")
+            raise InputError(f"{len(prompts)} prompts but {len(params)} sampling parameter sets")
+        for i, p in enumerate(params):
+            if not isinstance(p, SamplingParams):
+                raise InputError(f"sampling parameters {i} are a {type(p).__name__}, not SamplingParams")
         seqs = []
-        for prompt, p in zip(prompts, params):
-            text, ids = self._tokenize(prompt)
-            if len(ids) + p.max_tokens > self.config.max_model_len and len(ids) >= self.config.max_model_len:
-                raise ValueError(f"prompt of {len(ids)} tokens does not fit max_model_len={self.config.max_model_len}")
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            text, ids = self._tokenize(i, prompt)
+            if len(ids) >= self.config.max_model_len:
+                raise InputError(f"prompt {i} has {len(ids)} tokens; max_model_len={self.config.max_model_len} "
+                                 f"leaves no room to generate")
             seqs.append((text, Seq(next(self._ids), ids, p)))
         start = time.perf_counter()
         self._run([s for _, s in seqs], use_tqdm)
@@ -163,8 +208,8 @@ class LLM:
 
     def _follow(self, prompts) -> list[RequestOutput]:
         outputs = []
-        for prompt, ids in zip(prompts, self.executor.follow()):
-            text, prompt_ids = self._tokenize(prompt)
+        for i, (prompt, ids) in enumerate(zip(prompts, self.executor.follow())):
+            text, prompt_ids = self._tokenize(i, prompt)
             outputs.append(RequestOutput(text, prompt_ids, self._decode(ids),
                                          ids, None))
         return outputs

@@ -73,8 +73,8 @@ class Weights:
                     paths = sorted(root.glob("*.safetensors"))
                 if not paths:
                     pickled = [p.name for p in root.iterdir() if p.suffix in _PICKLE_SUFFIXES]
-                    hint = (f"; found {pickled}: pickle checkpoints are never loaded, convert them to safetensors"
-                            if pickled else "")
+                    hint = (f"; found {pickled}: qshard reads safetensors only, pickle checkpoints are never "
+                            f"loaded (convert them to safetensors)" if pickled else "")
                     raise CheckpointError(f"no *.safetensors files in {root}{hint}")
             else:
                 paths = [root]
@@ -196,6 +196,12 @@ class Weights:
         # The fake K axis is never cut by a column shard; FULL dims are read whole.
         axes = tuple(Axis.N if d == dim else Axis.FULL for d in range(len(shape)))
         return read_shard(self, Role(suffix, axes), shard)
+
+
+def checkpoint_files(path: str | os.PathLike) -> list[Path]:
+    """The safetensors files a checkpoint directory would load (CheckpointError when it has none,
+    or only pickle files), found without reading a tensor: the driver checks this before ranks start."""
+    return Weights._find_files(path)
 
 
 def _itemsize(dtype: str) -> int:

@@ -75,11 +75,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default="bench_kernels_{device}.json", help="output path ('' for none)")
 
 
+def check_arguments(args) -> None:
+    """Refuse bad flags (one `error:` line from `qshard`) before any measurement."""
+    from kernels.errors import InputError
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is visible "
+                         f"({'torch has no CUDA build' if not torch.backends.cuda.is_built() else 'no GPU found'})")
+    known_layers = sorted({layer for shapes in MODEL_SHAPES.values() for layer, _, _ in shapes})
+    for layer in args.layers or []:
+        if layer not in known_layers:
+            raise InputError(f"--layers {layer!r} is not a layer name; known: {', '.join(known_layers)}")
+    for m in args.m or []:
+        if m < 1:
+            raise InputError(f"--m {m}: batch rows must be >= 1")
+    if args.min_time is not None and not args.min_time > 0:
+        raise InputError(f"--min-time must be > 0 seconds, got {args.min_time}")
+
+
 def run(args) -> int:
+    check_arguments(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("bench kernels: --device cuda but no CUDA device is visible")
-        return 2
     defaults = CUDA_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
     full = device.type == "cuda" or args.full
     models = args.models or (CUDA_DEFAULTS["models"] if full and device.type == "cpu" else defaults["models"])

@@ -30,14 +30,38 @@ logger = logging.getLogger(__name__)
 EXECUTORS = ("mp", "ray", "torchrun", "uni", "external")
 
 
-def _ints(text: str) -> list[int]:
+def _ints(text: str, flag: str = "--tp/--batch") -> list[int]:
+    from kernels.errors import InputError
+
     try:
         values = [int(x) for x in str(text).split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise InputError(f"{flag} expects comma-separated integers, got {text!r}") from None
     if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+        raise InputError(f"{flag} expects positive integers, got {text!r}")
     return values
+
+
+def check_arguments(args) -> None:
+    """Refuse bad flags (one `error:` line) before any directory is made or process started."""
+    from engine.config import parse_dtype
+    from engine.devices import resolve_device
+    from kernels.errors import InputError
+
+    _ints(args.tp, "--tp")
+    _ints(args.batch, "--batch")
+    for flag, value in (("--input-len", args.input_len), ("--output-len", args.output_len),
+                        ("--ray-num-cpus", args.ray_num_cpus)):
+        if value is not None and value < 1:
+            raise InputError(f"{flag} must be >= 1, got {value}")
+    if not args.config_timeout > 0:
+        raise InputError(f"--config-timeout must be > 0 seconds, got {args.config_timeout}")
+    for name in args.dtype.split(","):
+        if name.strip() not in ("", "auto"):
+            parse_dtype(name.strip())
+    resolve_device(args.device, max(_ints(args.tp, "--tp")), args.executor)
+    if args.quant != "none" and not args.shape:
+        raise InputError("--quant applies to --shape (random weights); a checkpoint's own quantization is used")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -116,8 +140,6 @@ def _model_dir(args, out: Path) -> tuple[str, str]:
         from engine.dummy import write_config
 
         return str(write_config(args.shape, args.quant, out / f"model-{args.shape}-{args.quant}")), "dummy"
-    if args.quant != "none":
-        raise SystemExit("--quant applies to --shape (random weights); a checkpoint's own quantization is used")
     from engine.llm import resolve_model_path
 
     return str(resolve_model_path(args.model)), args.load_format
@@ -263,6 +285,7 @@ def _spmd(args) -> int:
 
 
 def run(args) -> int:
+    check_arguments(args)
     if args.measure_hf:
         return _measure_hf_cmd(args)
     if args.measure:

@@ -61,15 +61,22 @@ def report_error(error: BaseException, debug: bool) -> int:
         import traceback
 
         traceback.print_exception(error, file=sys.stderr)
-    message = " ".join(str(error).split("\n")[0].split()) or type(error).__name__
+    # only the first line: a WorkerFailure carries the failed rank's traceback after it
+    message = " ".join(str(error).strip().split("\n")[0].split()) or type(error).__name__
     print(f"error: {message}", file=sys.stderr)
     return 2
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = str(args.log_level).upper()
+    if level not in LOG_LEVELS:
+        print(f"error: --log-level {args.log_level!r} is not one of {', '.join(LOG_LEVELS)}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if getattr(args, "_missing", None):
         print(f"error: {args._missing} is not available in this build", file=sys.stderr)
         return 2
@@ -77,6 +84,14 @@ def main(argv: list[str] | None = None) -> int:
         return int(importlib.import_module(args._module).run(args) or 0)
     except QShardError as e:
         return report_error(e, debug_requested(args))
+    except KeyboardInterrupt:
+        # the executors stop their ranks on the way out (their own shutdown); one line, no traceback
+        if debug_requested(args):
+            import traceback
+
+            traceback.print_exc(file=sys.stderr)
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

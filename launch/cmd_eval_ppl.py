@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from kernels.errors import InputError
 from launch.texts import DEFAULT_HELDOUT_TEXT, read_text
 
 
@@ -34,9 +34,9 @@ def stride_windows(num_tokens: int, window: int, stride: int) -> list[Window]:
     window that holds it with some context; with stride < window that is every token but the
     first, while stride == window (disjoint windows) leaves each window's first token unscored."""
     if window < 2 or not 1 <= stride <= window:
-        raise ValueError(f"need window >= 2 and 1 <= stride <= window (got window={window}, stride={stride})")
+        raise InputError(f"need --window >= 2 and 1 <= --stride <= --window (got window={window}, stride={stride})")
     if num_tokens < 2:
-        raise ValueError(f"the text has {num_tokens} token(s); perplexity needs at least 2")
+        raise InputError(f"the text has {num_tokens} token(s); perplexity needs at least 2")
     windows, scored_until, start = [], 1, 0
     while scored_until < num_tokens:
         stop = min(start + window, num_tokens)
@@ -95,29 +95,45 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    """Errors are qshard's own (InputError & co.): `qshard` prints them as one `error:` line."""
+    check_arguments(args)
+    return _run(args)
+
+
+def check_arguments(args) -> None:
+    """Refuse bad flags and an unreadable text before any model loads."""
+    for flag, value, low in (("--window", args.window, 2), ("--stride", args.stride, 1),
+                             ("--max-windows", args.max_windows, 1), ("--max-batched-tokens", args.max_batched_tokens, 1)):
+        if value is not None and value < low:
+            raise InputError(f"{flag} must be >= {low}, got {value}")
+    if args.stride is not None and args.stride > args.window:
+        raise InputError(f"--stride {args.stride} exceeds --window {args.window}")
+    args.text_content = read_evaluation_text(args.text)
+
+
+def read_evaluation_text(path: Path | None) -> str:
     try:
-        return _run(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"qshard eval-ppl: error: {e}", file=sys.stderr)
-        return 2
+        return read_text(path or DEFAULT_HELDOUT_TEXT, "evaluation text")
+    except (FileNotFoundError, ValueError) as e:  # launch.texts' errors name the file
+        raise InputError(str(e)) from None
 
 
 def _run(args) -> int:
     from engine import LLM
 
-    text = read_text(args.text or DEFAULT_HELDOUT_TEXT, "evaluation text")
+    text = args.text_content
     models = args.model or ["default"]
     results, token_ids = [], None
     for model in models:
         with LLM(model, tensor_parallel_size=args.tp, executor=args.executor, dtype=args.dtype, device=args.device,
                  max_num_batched_tokens=args.max_batched_tokens, progress=False) as llm:
             if getattr(llm.executor, "is_follower", False):
-                raise ValueError("eval-ppl runs from the driver: use --executor mp/uni rather than a torchrun launch")
+                raise InputError("eval-ppl runs from the driver: use --executor mp/uni rather than a torchrun launch")
             if llm.tokenizer is None:
-                raise ValueError(f"{model} has no tokenizer to read the text with")
+                raise InputError(f"{model} has no tokenizer to read the text with")
             ids = llm.tokenizer(text)["input_ids"]
             if token_ids is not None and ids != token_ids:
-                raise ValueError(f"{model} tokenizes the text differently from {models[0]}: perplexities would not compare")
+                raise InputError(f"{model} tokenizes the text differently from {models[0]}: perplexities would not compare")
             token_ids = ids
             window = min(args.window, llm.config.max_model_len - 1)
             stride = args.stride or max(1, window // 2)

@@ -14,6 +14,7 @@ from engine import LLM, SamplingParams
 from engine.config import ConfigError
 from engine.default_model import DefaultModelUnavailable
 from engine.weights import CheckpointError
+from kernels.errors import InputError
 from parallel.sharding import ShardingError
 from tests.helpers import write_hf_llama
 
@@ -140,3 +141,92 @@ def test_unsupported_model_type(good, tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match="model_type 'gpt2' is not supported"):
         LLM(d, progress=False)
+
+
+# -- prompts and requests: refused with the prompt's index before any step runs ---------------------
+
+
+@pytest.fixture(scope="module")
+def default_llm(default_model_dir):
+    with LLM(default_model_dir, dtype="float32", progress=False) as llm:
+        yield llm
+
+
+@pytest.mark.parametrize("prompts, message", [
+    (b"some bytes", r"prompt 0 is bytes: decode it to str first"),
+    (["fine", bytearray(b"\x01\x02")], r"prompt 1 is bytearray: decode it to str first"),
+    ([""], r"prompt 0 is empty"),
+    ("", r"prompt 0 is empty"),
+    (["ok", "caf\udce9"], r"prompt 1 is not valid UTF-8 text \(undecodable bytes b'\\xe9' at character 3\)"),
+    ([{"text": "hi"}], r"prompt 0 is a dict"),
+    ([3.5], r"prompt 0 is a float"),
+    ([None], r"prompt 0 is a NoneType"),
+    (None, r"prompts must be a str, a list of token ids, or a list of those; got NoneType"),
+    ({"prompt": "hi"}, r"prompts must be a str, a list of token ids, or a list of those; got dict"),
+    ([[]], r"prompt 0 is an empty token-id list"),
+    ([[1, 2], [5, -1]], r"prompt 1: token 1 is -1; a token-id prompt must be a non-empty list of ints in \[0, 49152\)"),
+    ([[1, True]], r"prompt 0: token 1 is True"),
+    ([1, 49152], r"prompt 0: token 1 is 49152"),
+])
+def test_bad_prompts_are_refused_before_any_step(default_llm, prompts, message):
+    steps = default_llm.executor.steps_run
+    with pytest.raises(InputError, match=message):
+        default_llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0))
+    assert default_llm.executor.steps_run == steps
+
+
+def test_whitespace_prompt_is_a_real_prompt(default_llm):
+    out = default_llm.generate("   ", SamplingParams(max_tokens=2, temperature=0))[0]
+    assert out.prompt_token_ids and len(out.token_ids) == 2
+
+
+def test_bad_chat_messages_are_refused(default_llm):
+    steps = default_llm.executor.steps_run
+    with pytest.raises(InputError, match=r"conversation 0, message 0 must be a dict with str 'role' and 'content'"):
+        default_llm.chat([{"role": "user", "content": None}])
+    with pytest.raises(InputError, match=r"conversation 1, message 0: content is not valid UTF-8"):
+        default_llm.chat([[{"role": "user", "content": "hi"}], [{"role": "user", "content": "\udcff"}]])
+    with pytest.raises(InputError, match="sampling parameters 0 are a dict"):
+        default_llm.generate(["hi"], [{"max_tokens": 3}])
+    assert default_llm.executor.steps_run == steps
+
+
+def test_bad_engine_arguments_are_input_errors(good):
+    with pytest.raises(InputError, match="max_num_seqs must be a positive integer, got 0"):
+        LLM(good, max_num_seqs=0, progress=False)
+    with pytest.raises(InputError, match="seed must be an integer >= 0, got -3"):
+        LLM(good, seed=-3, progress=False)
+    with pytest.raises(InputError, match="unknown dtype 'float8'"):
+        LLM(good, dtype="float8", progress=False)
+    with pytest.raises(InputError, match="device must be 'auto', 'cpu' or 'cuda', got 'gpu'"):
+        LLM(good, device="gpu", progress=False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_device_without_cuda_is_refused_before_loading(good, monkeypatch):
+    import engine.worker
+
+    def no_reads(*a, **k):
+        raise AssertionError("weights were read")
+
+    monkeypatch.setattr(engine.worker, "Weights", no_reads)
+    why = "a build without CUDA" if not torch.backends.cuda.is_built() else "no GPU is visible"
+    with pytest.raises(InputError, match=f"device 'cuda' is not available: .*{why}"):
+        LLM(good, device="cuda", progress=False)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(max_tokens=True), "max_tokens"), (dict(temperature=float("nan")), "temperature"),
+    (dict(top_p=1.01), "top_p"), (dict(min_p=-0.1), "min_p"), (dict(seed=1.5), "seed"), (dict(seed=-1), "seed"),
+    (dict(stop=5), "stop"), (dict(stop=["ok", 3]), "stop"), (dict(stop_token_ids=[-1]), "stop_token_ids"),
+    (dict(stop_token_ids=7), "stop_token_ids"), (dict(ignore_eos="yes"), "ignore_eos"),
+    (dict(logprobs=-1), "logprobs"), (dict(prompt_logprobs=1), "prompt_logprobs"), (dict(top_k=1.0), "top_k"),
+])
+def test_sampling_params_name_the_field(kwargs, field):
+    with pytest.raises(InputError, match=f"SamplingParams.{field} must be"):
+        SamplingParams(**kwargs)
+
+
+def test_sampling_params_defaults_and_edges_are_accepted():
+    assert SamplingParams().stop == [] and SamplingParams(stop="x").stop == ["x"]
+    SamplingParams(max_tokens=1, temperature=0, top_k=0, top_p=1, min_p=1, seed=0, logprobs=0, stop_token_ids=(2,))
