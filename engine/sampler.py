@@ -96,9 +96,10 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, seq_ids: list[int], params: list[SamplingParams]):
         """logits [B, V] (any device) → (token ids [B], per-sequence logprob dicts or None)."""
-        logits = logits.float()
-        tokens = logits.argmax(dim=-1)
+        tokens = logits.argmax(dim=-1)  # before any cast: 16-bit to float32 is exact, so the same argmax
         drawing = [i for i, p in enumerate(params) if not p.greedy]
+        if drawing or any(p.logprobs is not None for p in params):
+            logits = logits.float()
         if drawing:
             rows, index = self._row_params(logits, drawing, params)
             sub = logits if index is None else logits.index_select(0, index)
