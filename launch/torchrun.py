@@ -9,7 +9,11 @@ tensor-parallel size and the executor come from torchrun (WORLD_SIZE, `external`
 Failures: a rank that fails reports its error in torchrun's store and exits 1; the others'
 collectives fail and rank 0 logs which rank went away (`WorkerFailure`). torchrun's agent then
 stops every remaining rank with SIGTERM: a rank keeps up to GRACE_S seconds to finish its
-report, then leaves.
+report, then leaves. qshard's own errors (a bad argument, config, checkpoint: QShardError) are
+printed once, by rank 0, as one `error: <message>` line (launch.cli.report_error; the traceback
+with --debug or QSHARD_DEBUG=1), and every rank that raised one exits 2; the others say nothing.
+Ctrl-C (SIGINT to any rank, rank 0 alone included) ends that rank at once with exit 130
+("interrupted"), and the agent stops the others.
 """
 
 from __future__ import annotations
@@ -85,30 +89,54 @@ def main(argv: list[str] | None = None) -> int:
     args.executor = "external"
     signal.signal(signal.SIGTERM, _on_sigterm)
     from engine.executor import WorkerFailure
+    from kernels.errors import QShardError
+    from launch.cli import debug_requested, report_error
 
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
-    except WorkerFailure as e:
+    except WorkerFailure as e:  # every rank logs what it saw; rank 0 also ends with the error line
         logger.error("WorkerFailure: %s", e)
-        # Leave now: tearing down a broken process group at interpreter exit can block until
-        # torchrun's agent kills us, which would hide this rank's exit code.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
+        if rank == 0:
+            report_error(e, False)
+        _leave(2 if rank == 0 else 1)
+    except QShardError as e:
+        if rank == 0:
+            report_error(e, debug_requested())
+            sys.stderr.flush()
+        elif debug_requested():
+            logger.exception("rank %d: %s", rank, e)
+        # The others usually raise the same error: they wait (a little) for rank 0's, since a rank
+        # that left first would have torchrun's agent stop rank 0 before it printed the line.
+        _report(e, wait_for_rank0_s=0 if rank == 0 else GRACE_S)
+        _leave(2)
+    except KeyboardInterrupt:
+        print(f"rank {rank}: interrupted", file=sys.stderr)
+        _leave(130)
     except Exception as e:
         _report(e)
         raise
 
 
-def _report(error: BaseException) -> None:
-    """Leave this rank's error in torchrun's store for the others' diagnosis."""
+def _leave(code: int) -> None:
+    """Exit now: tearing down a broken process group at interpreter exit can block until
+    torchrun's agent kills us, which would hide this rank's exit code."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _report(error: BaseException, wait_for_rank0_s: float = 0) -> None:
+    """Leave this rank's error in torchrun's store for the others' diagnosis; then, if asked,
+    wait until rank 0 reported one too or is gone."""
     from engine.executor.peers import PeerWatch
 
     try:
         watch = PeerWatch.from_env(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
         if watch is not None:
             watch.report_error(f"rank {os.environ['RANK']}: {type(error).__name__}: {error}")
+            if wait_for_rank0_s > 0:
+                watch.wait_for_error(0, wait_for_rank0_s)
             watch.stop()
     except Exception:
         pass

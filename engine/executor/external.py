@@ -8,11 +8,18 @@ Failures: torchrun's agent stops every rank when one exits; before that, the sur
 collectives fail (a dead peer closes its sockets) and `WorkerFailure` names the rank that went
 away, found through `PeerWatch` heartbeats and pids in torchrun's store. After a failure no
 collective is attempted again (shutdown would otherwise wait on a broken group).
+
+SIGINT to a rank (rank 0 alone, say) marks its engine broken (engine.executor.interrupt) before
+the KeyboardInterrupt unwinds it, so that shutdown sends no STOP into a group whose other ranks
+are still inside a step; the launcher then leaves at once, torchrun's agent sees the exit and
+stops the rest, whose collectives fail against the gone rank. SIGTERM stays the launcher's
+(launch.torchrun: the agent stopping the survivors of a failure).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import traceback
 
 import torch
@@ -20,6 +27,7 @@ import torch.distributed as dist
 
 from engine.engine_config import EngineConfig
 from engine.executor.base import Executor, WorkerFailure
+from engine.executor.interrupt import InterruptGuard
 from engine.executor.mp import share_cpu_threads
 from engine.executor.peers import PeerWatch
 from engine.executor.stats import gather_stats
@@ -51,11 +59,21 @@ class ExternalExecutor(Executor):
             self.ctx = init_process_group(rank, world, "env://", device, config.dist_timeout_s)
         self.is_follower = self.ctx.rank != 0
         self.watch = PeerWatch.from_env(self.ctx.rank, self.ctx.world_size) if world > 1 else None
-        self.worker = Worker(config, self.ctx)
+        self.interrupt = InterruptGuard(self._on_interrupt, "engine", signals=(signal.SIGINT,)).install()
+        try:
+            self.worker = Worker(config, self.ctx)
+        except BaseException:
+            self.interrupt.restore()
+            raise
+
+    def _on_interrupt(self, signum: int) -> None:
+        self.broken = True
 
     # -- failures -------------------------------------------------------------------------------
 
     def _check(self) -> None:
+        if self.interrupt.received is not None:
+            raise WorkerFailure("this engine was stopped by an interrupt (SIGINT)")
         if self.broken or self.worker is None:
             raise WorkerFailure("this engine's process group broke in an earlier failure")
 
@@ -91,6 +109,7 @@ class ExternalExecutor(Executor):
             broadcast_int64(step.encode(), self.ctx)
             return self.worker.execute(step)
         except Exception as e:
+            self.interrupt.raise_now()
             raise self._failure(e) from e
 
     def end_of_call(self, results: list[list[int]]) -> list[list[int]]:
@@ -99,6 +118,7 @@ class ExternalExecutor(Executor):
             broadcast_int64(StepInput.control(END_OF_CALL).encode(), self.ctx)
             broadcast_int64(_encode_results(results), self.ctx)
         except Exception as e:
+            self.interrupt.raise_now()
             raise self._failure(e) from e
         return results
 
@@ -117,6 +137,7 @@ class ExternalExecutor(Executor):
         except WorkerFailure:
             raise
         except Exception as e:
+            self.interrupt.raise_now()
             raise self._failure(e) from e
 
     def collect_stats(self, reset: bool = False) -> list[dict]:
@@ -125,12 +146,14 @@ class ExternalExecutor(Executor):
         try:
             return gather_stats(self.ctx, reset, self.worker.weight_bytes_read) or []
         except Exception as e:
+            self.interrupt.raise_now()
             raise self._failure(e) from e
 
     def rank_pids(self) -> dict[int, int]:
         return {self.ctx.rank: os.getpid()}
 
     def shutdown(self) -> None:
+        self.interrupt.restore()
         if self.worker is None:
             return
         try:

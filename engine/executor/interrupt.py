@@ -28,8 +28,9 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class InterruptGuard:
-    def __init__(self, on_signal: Callable[[int], None], what: str = "ranks"):
+    def __init__(self, on_signal: Callable[[int], None], what: str = "ranks", signals=SIGNALS):
         self.on_signal = on_signal
+        self.signals = tuple(signals)
         self.what = what
         self.received: int | None = None  # the first SIGINT/SIGTERM seen
         self._acted = threading.Lock()
@@ -44,7 +45,7 @@ class InterruptGuard:
     def install(self) -> "InterruptGuard":
         if threading.current_thread() is not threading.main_thread():
             return self
-        for sig in SIGNALS:
+        for sig in self.signals:
             previous = signal.getsignal(sig)
             if previous is signal.SIG_IGN or previous is None:  # ignored, or set outside Python
                 continue
@@ -100,7 +101,7 @@ class InterruptGuard:
             if not data:
                 return
             for signum in data:
-                if signum in SIGNALS:
+                if signum in self._previous:
                     self._act(signum)
 
     def _act(self, signum: int) -> None:

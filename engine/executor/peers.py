@@ -86,6 +86,22 @@ class PeerWatch:
         except Exception:
             pass
 
+    def wait_for_error(self, rank: int, timeout_s: float) -> bool:
+        """Wait until `rank` reported an error or its process is gone (same host); True if it did either."""
+        deadline = time.monotonic() + timeout_s
+        try:
+            proc = json.loads(self.store.get(self._key("proc", rank))) if self.store.check([self._key("proc", rank)]) \
+                else None
+            while time.monotonic() < deadline:
+                if self.store.check([self._key("error", rank)]):
+                    return True
+                if proc and proc["host"] == self.hostname and not pid_alive(proc["pid"]):
+                    return True
+                time.sleep(0.05)
+        except Exception:  # the store is gone: so is the job
+            return True
+        return False
+
     def _beats(self, ranks) -> dict[int, int]:
         return {r: self.store.add(self._key("beat", r), 0) for r in ranks}
 

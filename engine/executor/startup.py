@@ -32,7 +32,7 @@ def cpu_ticks(pid: int) -> int | None:
         return None
 
 
-def _stage(text: str | None) -> tuple[int, int]:
+def stage(text: str | None) -> tuple[int, int]:
     """How far a report says the rank got, for naming the ranks furthest behind."""
     if text is None:
         return (0, 0)
@@ -80,15 +80,15 @@ class StartupWatch:
         now = time.monotonic()
         if min(now - self.since[r] for r in pending) <= self.timeout_s:
             return []
-        behind = min(_stage(self.text(r)) for r in pending)
-        return [r for r in sorted(pending) if _stage(self.text(r)) == behind]
+        behind = min(stage(self.text(r)) for r in pending)
+        return [r for r in sorted(pending) if stage(self.text(r)) == behind]
 
     def message(self, ranks) -> str:
         now = time.monotonic()
         parts = []
         for r in ranks:
             text, quiet = self.text(r), now - self.since[r]
-            if _stage(text)[0] < 3:
+            if stage(text)[0] < 3:
                 parts.append(f"rank {r} hung before loading (no progress for {quiet:.0f} s; last: {describe(text)})")
             else:
                 parts.append(f"rank {r} made no progress for {quiet:.0f} s (last: {describe(text)})")
