@@ -165,9 +165,9 @@ def test_forget_restarts_a_seeded_request():
 
 def test_greedy_tokens_and_logprobs_equal_reference():
     logits = torch.randn(5, V, generator=torch.Generator().manual_seed(2)) * 3
-    params = [SamplingParams(temperature=0, logprobs=3), SamplingParams(temperature=0), SamplingParams(temperature=0,
-                                                                                                       logprobs=0),
-              SamplingParams(top_k=4, logprobs=5, seed=1), SamplingParams(temperature=0, logprobs=20)]
+    params = [SamplingParams(temperature=0, logprobs=3), SamplingParams(temperature=0),
+              SamplingParams(temperature=0, logprobs=0), SamplingParams(top_k=4, logprobs=5, seed=1),
+              SamplingParams(temperature=0, logprobs=20)]
     got_tokens, got = Sampler().sample(logits, list(range(5)), params)
     want_tokens, want = ReferenceSampler().sample(logits, list(range(5)), params)
     greedy = [i for i, p in enumerate(params) if p.greedy]
