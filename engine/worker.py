@@ -126,12 +126,15 @@ class Worker:
     def _prompt_logprobs(logits: torch.Tensor, batch: ForwardBatch, step: StepInput):
         if not any(step.prompt_logprobs):
             return None
-        out = []
-        for i, want in enumerate(step.prompt_logprobs):
-            if not want:
-                out.append(None)
-                continue
-            rows = logits[batch.logit_rows[i]].float().log_softmax(-1)  # predicts tokens 1..n
-            targets = torch.tensor(step.token_ids[i][1:], device=rows.device)
-            out.append(rows[:-1].gather(-1, targets[:, None]).squeeze(-1).tolist())
+        # every asking sequence's rows and targets at once: one copy up, one copy down per step
+        wanted = [i for i, want in enumerate(step.prompt_logprobs) if want]
+        rows = [r for i in wanted for r in range(batch.logit_rows[i].start, batch.logit_rows[i].stop - 1)]
+        targets = [t for i in wanted for t in step.token_ids[i][1:]]  # row r predicts the token after it
+        index = torch.tensor([rows, targets], dtype=torch.long).to(logits.device)
+        flat = logits[index[0]].float().log_softmax(-1).gather(-1, index[1][:, None]).squeeze(-1).tolist()
+        out: list[list[float] | None] = [None] * len(step.prompt_logprobs)
+        start = 0
+        for i in wanted:
+            n = len(step.token_ids[i]) - 1
+            out[i], start = flat[start:start + n], start + n
         return out

@@ -301,3 +301,21 @@ def tp1_generation(tiny_llama):
 def test_seeded_generation_at_tp_equals_tp1(tiny_llama, tp1_generation, tp):
     assert generate_at(tiny_llama, tp) == tp1_generation
     assert all(len(set(t)) > 3 for t in tp1_generation[:2])  # the seeded requests did sample
+
+
+def test_prompt_logprobs_at_tp3_equal_transformers(tiny_llama):
+    """The prompt-logprobs path reads rank 0's gathered logits; sequences that do not ask get None."""
+    from transformers import AutoModelForCausalLM
+
+    prompts = [PROMPT, [9, 8, 7, 6], [100, 200, 31]]
+    params = [SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=want) for want in (True, False, True)]
+    with LLM(str(tiny_llama), tensor_parallel_size=3, executor="mp", dtype="float32", progress=False) as llm:
+        outs = llm.generate(prompts, params)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    assert outs[1].prompt_logprobs is None
+    for out, prompt in ((outs[0], prompts[0]), (outs[2], prompts[2])):
+        with torch.no_grad():
+            lp = model(torch.tensor([prompt])).logits[0].log_softmax(-1)
+        want = lp[:-1].gather(-1, torch.tensor(prompt[1:])[:, None]).squeeze(-1)
+        assert len(out.prompt_logprobs) == len(prompt) - 1
+        torch.testing.assert_close(torch.tensor(out.prompt_logprobs), want, rtol=0, atol=1e-4)
