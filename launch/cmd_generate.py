@@ -57,11 +57,11 @@ def check_before_load(args) -> None:
     from engine.llm import load_tokenizer, preflight
     from engine.prompts import check_prompts, check_text
 
+    for i, prompt in enumerate(args.prompt):  # text checks first: before the default model is even converted
+        check_text(i, prompt)
     plan = preflight(args.model, args.tp, args.executor, args.device, args.dtype, max_num_seqs=args.max_num_seqs,
                      seed=args.seed)
-    if args.chat:  # the chat template adds tokens of its own: check the user's text itself
-        for i, prompt in enumerate(args.prompt):
-            check_text(i, prompt)
+    if args.chat:  # the chat template adds tokens of its own: the text checks above are the ones that apply
         return
     check_prompts(args.prompt, load_tokenizer(plan.path), plan.model_config.vocab_size, str(plan.path))
 
