@@ -20,6 +20,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -33,7 +34,7 @@ from tests.launch.conftest import REPO, _cluster_pids, stop_cluster
 README = REPO / "README.md"
 COMMAND_MARK = "@@readme-command"
 EXIT_MARK = "@@readme-exit"
-SCRIPT_TIMEOUT_S = 560
+SCRIPT_TIMEOUT_S = 900  # ~3 min on a quiet 2-core machine; much more when it is busy
 # What a reader's shell would not have: the suite's own settings (loopback Ray without auth, the
 # Triton interpreter, the checkout on PYTHONPATH) must not help the README's commands.
 SUITE_ONLY_ENV = ("PYTHONPATH", "VIRTUAL_ENV", "TRITON_INTERPRET", "QSHARD_DEBUG")
@@ -109,18 +110,26 @@ def bash_script(commands: list[str], stop_command: str | None) -> str:
     for i, command in enumerate(commands):
         if stop_command and is_cmd(command, "ray", "start"):
             lines.append(f"trap {shlex.quote(stop_command)} EXIT")
-        lines += [f"printf '\\n{COMMAND_MARK} {i}\\n'", command,
-                  f"__rc=$?; printf '\\n{EXIT_MARK} {i} %d\\n' $__rc; [ $__rc = 0 ] || exit $__rc"]
+        lines += [f"printf '\\n{COMMAND_MARK} {i} %s\\n' \"$(date +%s.%N)\"", command,
+                  f"__rc=$?; printf '\\n{EXIT_MARK} {i} %d %s\\n' $__rc \"$(date +%s.%N)\"; "
+                  f"[ $__rc = 0 ] || exit $__rc"]
     return "\n".join(lines) + "\n"
 
 
-def split_output(output: str) -> dict[int, tuple[str, int | None]]:
-    """Command index -> (its output, its exit status; None if the script ended inside it)."""
+@dataclass
+class Result:
+    output: str
+    status: int | None   # None: the script ended (or timed out) inside this command
+    seconds: float | None
+
+
+def split_output(output: str) -> dict[int, Result]:
     results = {}
-    parts = re.split(rf"^{COMMAND_MARK} (\d+)$", output, flags=re.M)
-    for index, chunk in zip(parts[1::2], parts[2::2]):
-        status = re.search(rf"^{EXIT_MARK} {index} (\d+)$", chunk, re.M)
-        results[int(index)] = (chunk[:status.start()] if status else chunk, int(status.group(1)) if status else None)
+    parts = re.split(rf"^{COMMAND_MARK} (\d+) ([\d.]+)$", output, flags=re.M)
+    for index, started, chunk in zip(parts[1::3], parts[2::3], parts[3::3]):
+        end = re.search(rf"^{EXIT_MARK} {index} (\d+) ([\d.]+)$", chunk, re.M)
+        results[int(index)] = (Result(chunk[:end.start()], int(end.group(1)), float(end.group(2)) - float(started))
+                               if end else Result(chunk, None, None))
     return results
 
 
@@ -129,7 +138,7 @@ def namespace_prefix() -> list[str] | None:
     unshare, ip = shutil.which("unshare"), shutil.which("ip")
     if not unshare or not ip:
         return None
-    prefix = [unshare, "--pid", "--fork", "--mount-proc", "--net"]
+    prefix = [unshare, "--pid", "--fork", "--kill-child", "--mount-proc", "--net"]
     probe = subprocess.run([*prefix, ip, "link", "set", "lo", "up"], capture_output=True, timeout=30)
     return prefix if probe.returncode == 0 else None
 
@@ -173,13 +182,29 @@ def remove_new_entries(directory: str, before: set[str]) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def run_script(argv: list[str], cwd: Path, env: dict[str, str], log: Path) -> str:
+    """Run to the end or SCRIPT_TIMEOUT_S, output (stdout and stderr) into a file: a daemon the
+    script leaves cannot hold a pipe open. On timeout the script's process group is killed."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            proc.wait(timeout=SCRIPT_TIMEOUT_S)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            timed_out = True
+    output = log.read_text(errors="replace")
+    return output + (f"\n(the Use section did not finish within {SCRIPT_TIMEOUT_S}s)" if timed_out else "")
+
+
 @dataclass
 class Run:
     use: UseSection
     cwd: Path
     home: Path
     output: str
-    results: dict[int, tuple[str, int | None]]
+    results: dict[int, Result]
 
     def path(self, word: str) -> Path:
         """A path word of a command, with the shell's $PWD and ~ expanded."""
@@ -217,16 +242,11 @@ def readme_run(model_dir, tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k not in SUITE_ONLY_ENV}
     env.update(HOME=str(home), QSHARD_CACHE=str(cache_dir()), PYTHONUNBUFFERED="1")
     before = set(os.listdir(temp_dir)) if os.path.isdir(temp_dir) else set()
-    inner = ["bash", str(script)]
+    argv = ["bash", str(script)]
     if prefix is not None:
-        inner = [*prefix, "bash", "-c", 'ip link set lo up && exec bash "$0"', str(script)]
+        argv = [*prefix, "bash", "-c", 'ip link set lo up && exec bash "$0"', str(script)]
     try:
-        proc = subprocess.run(inner, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, timeout=SCRIPT_TIMEOUT_S)
-        output = proc.stdout
-    except subprocess.TimeoutExpired as e:
-        output = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        output += f"\n(the Use section did not finish within {SCRIPT_TIMEOUT_S}s)"
+        output = run_script(argv, cwd, env, root / "use-section.log")
     finally:
         if prefix is None:
             stop_cluster(temp_dir)
@@ -241,9 +261,9 @@ def readme_run(model_dir, tmp_path_factory):
 def result_of(run: Run, i: int) -> str:
     command = run.use.commands[i]
     assert i in run.results, f"not reached: {command!r}\n--- output tail:\n{run.output[-4000:]}"
-    text, status = run.results[i]
-    assert status == 0, f"{command!r} exited {status}:\n{text[-4000:]}"
-    return text
+    result = run.results[i]
+    assert result.status == 0, f"{command!r} exited {result.status}:\n{result.output[-4000:]}"
+    return result.output
 
 
 def commands_where(run: Run, predicate) -> list[int]:
@@ -256,8 +276,11 @@ def commands_where(run: Run, predicate) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(620)
+@pytest.mark.timeout(SCRIPT_TIMEOUT_S + 120)
 def test_every_use_command_exits_0(readme_run):
+    for i, command in enumerate(readme_run.use.commands):  # shown with -s: what each command cost
+        seconds = readme_run.results.get(i, Result("", None, None)).seconds
+        print(f"{seconds if seconds is not None else float('nan'):7.1f} s  {command.splitlines()[0][:100]}")
     for i in range(len(readme_run.use.commands)):
         result_of(readme_run, i)
 
