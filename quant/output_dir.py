@@ -12,6 +12,7 @@ deleted), so a failure leaves either the old or the new directory, never nothing
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -76,13 +77,25 @@ def atomic_directory(target: str | Path, *, overwrite: bool = False, inputs: Ite
     target = check_output_dir(target, overwrite=overwrite, inputs=inputs, option=option,
                               overwrite_option=overwrite_option)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    tmp = _new_directory_beside(target)
     try:
         yield tmp
         _move_into_place(tmp, target, overwrite, f"{option} {target}", overwrite_option)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _new_directory_beside(target: Path) -> Path:
+    """An empty `.name-XXXXXXXX` directory next to target, with the permissions of a plain mkdir
+    (the umask's; tempfile.mkdtemp's 0700 would make the finished model unreadable to others)."""
+    while True:
+        path = target.parent / f".{target.name}-{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
 
 
 def _move_into_place(tmp: Path, target: Path, overwrite: bool, where: str, overwrite_option: str) -> None:

@@ -93,7 +93,7 @@ class CalibrationResult:
     def summary(self) -> str:
         """One line for the end of `qshard quantize`: layers, total loss and, with calibration data,
         the mean output error relative to round-to-nearest's (< 1: GPTQ did better)."""
-        line = f"{len(self.reports)} layers, total loss {sum(r.gptq_loss for r in self.reports):.4g}"
+        line = f"{len(self.reports)} linear layers, total loss {sum(r.gptq_loss for r in self.reports):.4g}"
         ratios = [r.output_error / r.rtn_output_error for r in self.reports
                   if r.output_error is not None and r.rtn_output_error]
         if ratios:

@@ -62,6 +62,11 @@ def tree(root: Path) -> dict[str, str]:
     return out
 
 
+def current_umask() -> int:
+    with open("/proc/self/status") as f:
+        return int(next(line.split()[1] for line in f if line.startswith("Umask:")), 8)
+
+
 def cli(*argv: str, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, float]:
     began = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "launch.cli", "--log-level", "INFO", *argv], cwd=REPO,
@@ -138,8 +143,9 @@ def test_overwrite_replaces_an_unrelated_directory_atomically(layout):
                                                       "quantize_config.json", "tokenizer.json", "tokenizer_config.json"]
     assert json.loads((out / "config.json").read_text())["quantization_config"]["bits"] == 4
     assert sorted(p.name for p in layout.iterdir()) == ["file.txt", "models", "out"]  # no temporaries beside it
+    assert out.stat().st_mode & 0o777 == 0o777 & ~current_umask()  # a plain mkdir's, not mkdtemp's 0700
     lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("rtn 4-bit group 32 sym") and "7 layers, total loss" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("rtn 4-bit group 32 sym") and "7 linear layers, total loss" in lines[0]
     logits = engine_last_logits(out, PROMPTS)
     assert logits.shape == (1, 49152) and bool(logits.isfinite().all())
 
