@@ -79,9 +79,13 @@ def _current_cluster_address() -> str | None:
 
 
 def connect(address: str | None, *, num_cpus: int | None = None, num_gpus: int | None = None,
-            temp_dir: str | None = None, log_to_driver: bool = True):
+            temp_dir: str | None = None, log_to_driver: bool = True, min_local_cpus: int = 0):
     """Join a cluster (address "auto" or host:port) or start a local loopback one (address None
-    or "local"); returns (ray module, whether this call started or joined Ray and must end it)."""
+    or "local"); returns (ray module, whether this call started or joined Ray and must end it).
+
+    A local cluster gets num_cpus logical CPUs, or when that is None max(min_local_cpus, this
+    machine's cores): Ray's CPUs are only a count for scheduling, and the ranks share the cores
+    anyway, so TP=3 on a 2-core machine needs no option."""
     ray = import_ray()
     if ray.is_initialized():
         return ray, False
@@ -90,7 +94,9 @@ def connect(address: str | None, *, num_cpus: int | None = None, num_gpus: int |
     if address in (None, "local"):
         pin_loopback()
         temp_dir = temp_dir or os.path.join(tempfile.gettempdir(), f"qshard-ray-{os.getpid()}")
-        logger.info("starting a local Ray cluster on loopback (%s CPUs, temp dir %s)", num_cpus or "all", temp_dir)
+        if num_cpus is None:
+            num_cpus = max(min_local_cpus, os.cpu_count() or 1)
+        logger.info("starting a local Ray cluster on loopback (%d CPUs, temp dir %s)", num_cpus, temp_dir)
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                  _temp_dir=temp_dir, object_store_memory=512 * 2**20, log_to_driver=log_to_driver,
                  configure_logging=False)

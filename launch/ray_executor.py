@@ -13,6 +13,19 @@ Start-up:
 4. Rendezvous through a TCPStore served by the driver (the executor's process); every actor
    joins the NCCL (gloo on CPU) group through it and loads only its own shard.
 
+Start-up waits on progress (engine.executor.startup): each actor reports through that store
+("started", "joined", layers read), and the driver fails only when an actor raises or dies
+(named, with its error) or no waiting rank moved for dist_timeout_s; `startup_timeout_s` bounds
+only the actors' creation and the placement group.
+
+A local cluster that the executor starts itself gets max(TP size, cores) logical CPUs, so that
+TP=3 runs on a 2-core machine; `ray_num_cpus=` sets it explicitly.
+
+Ctrl-C: SIGINT/SIGTERM to the driver alone (engine.executor.interrupt) `ray.kill` every actor at
+once, the driver raises KeyboardInterrupt / SystemExit, and shutdown frees the placement group
+and ends a Ray instance the executor started, without the graceful STOP. (`ray.init` installs a
+SIGTERM handler of its own, `sys.exit(15)`; the executor puts the program's back under its guard.)
+
 Steps: the driver sends each step to rank 0's actor (one Ray call), which broadcasts it to the
 other actors over the gloo control group, as in `mp`; followers run a long `follow()` call.
 While it waits, the driver also watches the followers' `follow()` results: an actor that dies
@@ -25,6 +38,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
 from datetime import timedelta
 
@@ -32,13 +47,15 @@ import torch.distributed as dist
 
 from engine.engine_config import EngineConfig
 from engine.executor.base import Executor, WorkerFailure
+from engine.executor.interrupt import InterruptGuard
 from engine.executor.mp import follow_steps, free_port, lead_stats, share_cpu_threads
+from engine.executor.startup import StartupWatch, layers_text, report_key, stage
 from engine.step import STOP, StepInput, StepOutput
 from launch.ray_cluster import NO_MULTICAST_ENV, RayClusterError, connect
 
 logger = logging.getLogger(__name__)
 
-POLL_S = 0.5  # how often a waiting driver looks at the followers
+POLL_S = 0.2  # how often a waiting driver looks at the followers (and lets a Ctrl-C in)
 
 
 class RankActor:
@@ -65,9 +82,12 @@ class RankActor:
         from parallel.state import init_process_group
 
         store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=config.dist_timeout_s))
+        store.set(report_key(rank), "started")
         self.ctx = init_process_group(rank, world_size, None, config.rank_device(local_rank),
                                       config.dist_timeout_s, store)
-        self.worker = Worker(config, self.ctx)
+        store.set(report_key(rank), "joined")
+        self.worker = Worker(config, self.ctx, on_progress=lambda done, total: store.set(report_key(rank),
+                                                                                      layers_text(done, total)))
         return {"rank": rank, "weight_bytes_read": self.worker.weight_bytes_read}
 
     def execute(self, step: StepInput) -> StepOutput:
@@ -114,18 +134,25 @@ class RayExecutor(Executor):
                  startup_timeout_s: float = 900.0, log_to_driver: bool = True):
         super().__init__(config)
         world = config.tensor_parallel_size
-        self.ray, self._owns_ray = connect(ray_address, num_cpus=ray_num_cpus, num_gpus=ray_num_gpus,
-                                           temp_dir=ray_temp_dir, log_to_driver=log_to_driver)
         self.actors: list = []  # in rank order once started
         self.infos: list[dict] = []
         self.pg = None
         self.follow_refs: dict[int, object] = {}
         self.broken = False
         self.store = None
+        in_main = threading.current_thread() is threading.main_thread()
+        sigterm = signal.getsignal(signal.SIGTERM) if in_main else None
+        self.ray, self._owns_ray = connect(ray_address, num_cpus=ray_num_cpus, num_gpus=ray_num_gpus,
+                                           temp_dir=ray_temp_dir, log_to_driver=log_to_driver, min_local_cpus=world)
+        if in_main and sigterm is not None and signal.getsignal(signal.SIGTERM) is not sigterm:
+            signal.signal(signal.SIGTERM, sigterm)  # ray.init's sys.exit(15) -> the program's own
+        self.interrupt = InterruptGuard(self._on_interrupt, "Ray actors").install()
         try:
             self._start(world, placement_strategy, startup_timeout_s)
         except BaseException:
+            self.interrupt.restore()
             self._teardown()
+            self.interrupt.raise_now()  # what failed because the interrupt killed the actors
             raise
         logger.info("ray executor: %d ranks on %s", world,
                     ", ".join(f"rank {r}: {i['ip']} pid {i['pid']}" for r, i in enumerate(self.infos)))
@@ -173,32 +200,55 @@ class RayExecutor(Executor):
                                    timeout=timedelta(seconds=self.config.dist_timeout_s))
         refs = [a.start.remote(self.config, r, world, local, local_world, visible, host, port)
                 for r, (a, (local, local_world, visible)) in enumerate(zip(self.actors, layout))]
-        self._get(refs, timeout_s, "load its shard")
+        driver_node = ray.get_runtime_context().get_node_id()
+        local_pids = {r: i["pid"] for r, i in enumerate(self.infos) if i["node_id"] == driver_node}
+        self._get(refs, timeout_s, "load its shard", progress=StartupWatch(range(world), self.config.dist_timeout_s),
+                  local_pids=local_pids)
         self.follow_refs = {r: self.actors[r].follow.remote() for r in range(1, world)}
 
-    def _get(self, refs: list, timeout_s: float, what: str, label: str = "rank") -> list:
-        """ray.get of one ref per rank (or actor, before ranks exist), failing fast and by name."""
+    def _get(self, refs: list, timeout_s: float, what: str, label: str = "rank",
+             progress: StartupWatch | None = None, local_pids: dict[int, int] | None = None) -> list:
+        """ray.get of one ref per rank (or actor, before ranks exist), failing fast and by name:
+        with `progress`, when no waiting rank moved for its timeout, else after timeout_s."""
         ray = self.ray
         deadline = time.monotonic() + timeout_s
         pending = list(refs)
         while pending:
             ready, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL_S)
+            self.interrupt.raise_now()  # the interrupt killed the actors: not a start-up failure
+            waiting = [refs.index(r) for r in pending]
+            if progress is not None:
+                for rank in waiting:
+                    key = report_key(rank)
+                    progress.saw(rank, self.store.get(key).decode() if self.store.check([key]) else None,
+                                 (local_pids or {}).get(rank))
             for ref in ready:
                 rank = refs.index(ref)
                 try:
                     ray.get(ref)
                 except Exception as e:
+                    if progress is not None:  # gave up waiting in the rendezvous for a rank behind it?
+                        behind = [r for r in waiting if stage(progress.text(r)) < stage(progress.text(rank))]
+                        if behind:
+                            raise WorkerFailure(f"{progress.message(behind)}; rank {rank} gave up waiting: "
+                                                f"{_cause(e)}", behind) from e
                     raise WorkerFailure(f"{label} {rank} failed to {what}: {_cause(e)}",
                                         [rank] if label == "rank" else []) from e
-            if pending and time.monotonic() > deadline:
-                ranks = [refs.index(r) for r in pending]
-                raise WorkerFailure(f"{label}s {ranks} did not {what} within {timeout_s:.0f}s",
-                                    ranks if label == "rank" else [])
+            if progress is not None:
+                stalled = progress.stalled(waiting)
+                if stalled:
+                    raise WorkerFailure(progress.message(stalled), stalled)
+            elif pending and time.monotonic() > deadline:
+                raise WorkerFailure(f"{label}s {waiting} did not {what} within {timeout_s:.0f}s",
+                                    waiting if label == "rank" else [])
         return ray.get(refs)
 
     # -- steps ----------------------------------------------------------------------------------
 
     def _check(self) -> None:
+        if self.interrupt.received is not None:
+            raise WorkerFailure("this engine's ranks were stopped by an interrupt "
+                                f"({signal.Signals(self.interrupt.received).name})")
         if self.broken or not self.actors:
             raise WorkerFailure("this engine's ranks were stopped after an earlier failure")
 
@@ -209,6 +259,7 @@ class RayExecutor(Executor):
         deadline = time.monotonic() + self.config.dist_timeout_s + 30
         while True:
             ready, _ = ray.wait(watch, num_returns=1, timeout=POLL_S)
+            self.interrupt.raise_now()  # the interrupt killed the actors: not a rank failure
             if ref in ready:
                 try:
                     return ray.get(ref)
@@ -277,6 +328,15 @@ class RayExecutor(Executor):
 
     # -- shutdown -------------------------------------------------------------------------------
 
+    def _on_interrupt(self, signum: int) -> None:
+        """SIGINT/SIGTERM (any thread): kill every actor now; the driver raises after."""
+        self.broken = True
+        for a in list(self.actors):
+            try:
+                self.ray.kill(a, no_restart=True)
+            except Exception:
+                pass
+
     def _teardown(self) -> None:
         """Kill every actor, free the placement group, leave Ray if we joined or started it."""
         ray = self.ray
@@ -298,6 +358,7 @@ class RayExecutor(Executor):
             self._owns_ray = False
 
     def shutdown(self) -> None:
+        self.interrupt.restore()
         if not self.actors and self.pg is None:
             return
         ray = self.ray

@@ -105,3 +105,21 @@ def test_rank_hung_before_loading_is_named_within_the_timeout(model_dir):
             except Exception:
                 pass
         kill_pid_tree([p.pid for p in spawned_followers()])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ray_tp3_starts_with_no_cpu_option_on_a_small_machine(model_dir, reference, tmp_path):
+    """A local Ray cluster the executor starts itself gets max(TP size, cores) logical CPUs."""
+    import tempfile
+
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="qshard-raysize-")  # short: Ray's socket paths must fit
+    with LLM(model_dir, tensor_parallel_size=3, executor="ray", dtype="float32", progress=False,
+             ray_temp_dir=temp_dir, log_to_driver=False) as llm:
+        cpus = ray.cluster_resources().get("CPU")
+        outs = llm.generate(PROMPTS[:1], SamplingParams(max_tokens=4, temperature=0))
+    assert cpus == max(3, os.cpu_count()), cpus
+    assert outs[0].token_ids == reference.mp_tokens[0][:4]
+    assert not ray.is_initialized()
