@@ -101,10 +101,10 @@ class AWQPacker(Packer):
         n, k = result.codes.shape
         want_group = k if self.group_size == -1 else self.group_size
         if (result.bits, result.group_size) != (BITS, want_group):
-            raise ValueError(f"{prefix}: quantized with bits={result.bits}, group_size={result.group_size} but AWQ "
+            raise QuantConfigError(f"{prefix}: quantized with bits={result.bits}, group_size={result.group_size} but AWQ "
                              f"stores bits=4, group_size={want_group}")
         if not result.has_trivial_g_idx:
-            raise ValueError(f"{prefix}: act-order (a permuted g_idx) cannot be written as AWQ, which has no g_idx")
+            raise QuantConfigError(f"{prefix}: act-order (a permuted g_idx) cannot be written as AWQ, which has no g_idx")
         return {
             f"{prefix}.qweight": pack_int32(result.codes.T, BITS, 1, AWQ_ORDER),
             f"{prefix}.qzeros": pack_int32(result.zeros.T, BITS, 1, AWQ_ORDER),

@@ -273,9 +273,9 @@ class GPTQPacker(Packer):
         check_bits(bits)
         check_group_size(group_size, "gptq")
         if checkpoint_format not in FORMATS:
-            raise ValueError(f"checkpoint_format {checkpoint_format!r} is not one of {FORMATS}")
+            raise QuantConfigError(f"checkpoint_format {checkpoint_format!r} is not one of {FORMATS}")
         if checkpoint_format == V1 and not sym:
-            raise ValueError("GPTQ v1 (checkpoint_format 'gptq') stores zero points as z - 1 and cannot hold the "
+            raise QuantConfigError("GPTQ v1 (checkpoint_format 'gptq') stores zero points as z - 1 and cannot hold the "
                              "z = 0 of asymmetric quantization (the asymmetric v1 packing bug: -1 wraps to 2^bits - 1 "
                              "and corrupts its word); write checkpoint_format 'gptq_v2' or quantize with sym=True")
         self.bits, self.group_size, self.sym = bits, group_size, sym
@@ -288,13 +288,13 @@ class GPTQPacker(Packer):
         n, k = result.codes.shape
         want_group = k if self.group_size == -1 else self.group_size
         if (result.bits, result.sym, result.group_size) != (self.bits, self.sym, want_group):
-            raise ValueError(f"{prefix}: quantized with bits={result.bits}, sym={result.sym}, group_size="
+            raise QuantConfigError(f"{prefix}: quantized with bits={result.bits}, sym={result.sym}, group_size="
                              f"{result.group_size} but the packer writes bits={self.bits}, sym={self.sym}, "
                              f"group_size={want_group}")
         zeros = result.zeros.T.contiguous()  # [G, N] true zero points
         if self.checkpoint_format == V1:
             if bool((zeros < 1).any()):
-                raise ValueError(f"{prefix}: a zero point of 0 cannot be written as GPTQ v1 (z - 1 = -1)")
+                raise QuantConfigError(f"{prefix}: a zero point of 0 cannot be written as GPTQ v1 (z - 1 = -1)")
             zeros = zeros - 1
         self._saw_act_order |= not result.has_trivial_g_idx
         return {
