@@ -35,6 +35,7 @@ README = REPO / "README.md"
 COMMAND_MARK = "@@readme-command"
 EXIT_MARK = "@@readme-exit"
 SCRIPT_TIMEOUT_S = 900  # ~3 min on a quiet 2-core machine; much more when it is busy
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(SCRIPT_TIMEOUT_S + 120)]  # whichever test runs the fixture
 # What a reader's shell would not have: the suite's own settings (loopback Ray without auth, the
 # Triton interpreter, the checkout on PYTHONPATH) must not help the README's commands.
 SUITE_ONLY_ENV = ("PYTHONPATH", "VIRTUAL_ENV", "TRITON_INTERPRET", "QSHARD_DEBUG")
@@ -215,7 +216,7 @@ class Run:
 
 
 @pytest.fixture(scope="module")
-def readme_run(model_dir, tmp_path_factory):
+def readme_run(model_dir):
     from engine.default_model import cache_dir
 
     use = parse_use(README.read_text())
@@ -229,7 +230,6 @@ def readme_run(model_dir, tmp_path_factory):
     if prefix is None and (ray_running_here() or port_busy(6379) or port_busy(8265)):
         pytest.skip("no PID/network namespaces here and another Ray runs: the README's `ray stop` would stop it too")
 
-    # a short root: Ray's socket paths under the README's --temp-dir stay below the 107-byte limit anyway
     root = Path(tempfile.mkdtemp(prefix="qshard-readme-"))
     cwd, home = root / "qshard", root / "home"
     cwd.mkdir()
@@ -252,9 +252,10 @@ def readme_run(model_dir, tmp_path_factory):
             stop_cluster(temp_dir)
         left = _cluster_pids(temp_dir) if prefix is None else []
         remove_new_entries(temp_dir, before)
-    run = Run(use, cwd, home, output, split_output(output))
-    yield run
-    shutil.rmtree(root, ignore_errors=True)
+    try:
+        yield Run(use, cwd, home, output, split_output(output))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
     assert not left, f"Ray processes left behind by the README's cluster: {left}"
 
 
@@ -275,8 +276,6 @@ def commands_where(run: Run, predicate) -> list[int]:
 # -- the checks -------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(SCRIPT_TIMEOUT_S + 120)
 def test_every_use_command_exits_0(readme_run):
     for i, command in enumerate(readme_run.use.commands):  # shown with -s: what each command cost
         seconds = readme_run.results.get(i, Result("", None, None)).seconds
@@ -285,7 +284,6 @@ def test_every_use_command_exits_0(readme_run):
         result_of(readme_run, i)
 
 
-@pytest.mark.slow
 def test_generate_commands_answer_paris(readme_run):
     """qshard (mp, ray), torchrun and the Python script: greedy answers about France's capital."""
     def generates(c):
@@ -296,7 +294,6 @@ def test_generate_commands_answer_paris(readme_run):
         assert "Paris" in result_of(readme_run, i), readme_run.use.commands[i]
 
 
-@pytest.mark.slow
 def test_quantize_writes_a_gptq_checkpoint(readme_run):
     for i in commands_where(readme_run, lambda c: is_cmd(c, "qshard", "quantize")):
         result_of(readme_run, i)
@@ -309,7 +306,6 @@ def test_quantize_writes_a_gptq_checkpoint(readme_run):
         assert list(out.glob("*.safetensors"))
 
 
-@pytest.mark.slow
 def test_eval_ppl_scores_every_model(readme_run):
     for i in commands_where(readme_run, lambda c: is_cmd(c, "qshard", "eval-ppl")):
         text = result_of(readme_run, i)
@@ -322,7 +318,6 @@ def test_eval_ppl_scores_every_model(readme_run):
             assert ppl[0] < ppl[1], ppl
 
 
-@pytest.mark.slow
 def test_ray_job_submit_writes_its_result(readme_run):
     run = readme_run
     (start,) = commands_where(run, lambda c: is_cmd(c, "ray", "start"))
