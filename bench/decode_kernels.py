@@ -92,6 +92,8 @@ def variants(cfg: dict, B: int, context: int, capacity: int, dtype: torch.dtype)
 
     yield "add+rmsnorm", "torch", torch_norm
     yield "add+rmsnorm", "fused", lambda: add_rms_norm(x, res, w, 1e-5)
+    for nw in (4, 8):
+        yield "add+rmsnorm", f"fused num_warps={nw}", lambda nw=nw: add_rms_norm(x, res, w, 1e-5, num_warps=nw)
     yield "silu*mul", "torch", torch_act
     yield "silu*mul", "fused", lambda: silu_mul(gate_up)
     yield "rotary+kv write", "torch", torch_rotary_store
@@ -100,19 +102,27 @@ def variants(cfg: dict, B: int, context: int, capacity: int, dtype: torch.dtype)
     yield "attention", "old (gather, 1 split, scatter)", old_attention
     yield "attention", "splits=1", lambda: decode_attention(q3, k_cache, v_cache, slots, lens, D ** -0.5,
                                                             splits=1, tokens=rows, out=out)
-    for s in sorted({2, 4, 8, splits}):
-        if s > 1:
-            yield "attention", f"splits={s}{' (chosen)' if s == splits else ''}", \
-                lambda s=s: decode_attention(q3, k_cache, v_cache, slots, lens, D ** -0.5, splits=s, tokens=rows,
-                                             out=out)
-    for s in sorted({1, splits}):  # what the engine runs in a decode-only step: one launch per layer
-        yield "rotary+kv+attention", f"fused, splits={s}", \
-            lambda s=s: decode_attention(qkv, k_cache, v_cache, slots, lens, D ** -0.5, splits=s, tokens=rows,
-                                         out=out, rotary=(rotary.cos, rotary.sin))
-    for bl in (32, 128):
-        yield "attention", f"splits={splits} block_l={bl}", \
-            lambda bl=bl: decode_attention(q3, k_cache, v_cache, slots, lens, D ** -0.5, block_l=bl,
-                                           splits=splits, tokens=rows, out=out)
+    for s in (2, 5):  # chunks of 64 combined (the first call's policy), against one program per head
+        yield "attention", f"splits={s} min_chunk=64", \
+            lambda s=s: decode_attention(q3, k_cache, v_cache, slots, lens, D ** -0.5, splits=s, tokens=rows,
+                                         out=out, min_chunk=64)
+    yield "attention", "splits=8 min_chunk=256 (one chunk used)", \
+        lambda: decode_attention(q3, k_cache, v_cache, slots, lens, D ** -0.5, splits=8, tokens=rows, out=out)
+    for bl in (32, 64, 128):  # the engine's decode-only launch, by block and warps (splits as chosen)
+        for nw in (2, 4, 8):
+            yield "rotary+kv+attention", f"fused splits={splits} block_l={bl} warps={nw}", \
+                lambda bl=bl, nw=nw: decode_attention(qkv, k_cache, v_cache, slots, lens, D ** -0.5, block_l=bl,
+                                                      splits=splits, tokens=rows, out=out,
+                                                      rotary=(rotary.cos, rotary.sin), num_warps=nw)
+    # a long context: 2048 of 4096 positions, split as the engine would for a 4096-position cache
+    long_k = torch.randn(B + 1, Hkv, 4096, D, device=dev, generator=g).to(dtype)
+    long_v = torch.randn(B + 1, Hkv, 4096, D, device=dev, generator=g).to(dtype)
+    long_lens = torch.full((B,), 2048, device=dev)
+    long_splits = choose_splits(B, Hkv, 4096, sms)
+    for s in sorted({1, long_splits}):
+        yield "attention ctx 2048", f"splits={s}", \
+            lambda s=s: decode_attention(q3, long_k, long_v, slots, long_lens, D ** -0.5, splits=s, tokens=rows,
+                                         out=out)
 
 
 def main(argv=None) -> int:

@@ -129,7 +129,7 @@ if want decode; then
   decode_batches=${DECODE_BATCHES:-1,16,64}
   paths=${KERNEL_PATHS:-torch,auto}
   [ "$TINY" = 1 ] && { decode_batches=1,2; paths=${KERNEL_PATHS:-torch,triton}; export TRITON_INTERPRET=1; }
-  [ "$TINY" = 1 ] || tstep 60 $PY bench/decode_kernels.py --shape $shape --batch ${decode_batches//,/ } \
+  [ "$TINY" = 1 ] || tstep 120 $PY bench/decode_kernels.py --shape $shape --batch ${decode_batches//,/ } \
     --json "$OUT/decode-kernels.json"
   warm --models $shape --formats gptq4 --dtype fp16 --m 1 2 4 8 16 32 64 128 256 512
   for quant in ${DECODE_QUANTS:-gptq-w4g128 none}; do

@@ -20,7 +20,7 @@ class ForwardBatch:
     slots: list[int]
     query_lens: list[int]
     context_lens: list[int]
-    logits_index: torch.Tensor  # tokens whose logits are computed (last of each sequence, or all)
+    logits_index: torch.Tensor | None  # tokens whose logits are computed (last of each, or all); None: every token
     last_logit_row: torch.Tensor  # [B] long: row of each sequence's last token in those logits
     logit_rows: list[slice]  # rows of each sequence's tokens in those logits
     # decode sequences, attended to as one batch
@@ -91,7 +91,7 @@ class ForwardBatch:
         rows = torch.arange(n, dtype=torch.long, device=token_ids.device)
         return cls(
             token_ids=token_ids, positions=positions, token_slots=slots, slots=[], query_lens=[1] * n,
-            context_lens=[1] * n, logits_index=rows, last_logit_row=rows, logit_rows=[slice(i, i + 1) for i in range(n)],
+            context_lens=[1] * n, logits_index=None, last_logit_row=rows, logit_rows=[slice(i, i + 1) for i in range(n)],
             decode_seq_index=list(range(n)), decode_token_index=rows, decode_slots=slots, decode_kv_lens=kv_lens,
             decode_mask=None, decode_slot_range=None, prefill_seq_index=[], token_starts=list(range(n)),
         )

@@ -6,9 +6,11 @@ from a device tensor, so there is no host synchronisation and the kernel can be 
 CUDA graph). Online softmax over blocks of positions, as flash attention does.
 
 Split over the KV length (flash decoding): with `splits` > 1 each program covers one chunk of
-the sequence's positions and writes its partial (max, sum, weighted values) to a workspace; the
+the sequence's positions (at least `min_chunk`, so a short sequence takes one chunk however many
+splits were launched) and writes its partial (max, sum, weighted values) to a workspace; the
 last program of a (sequence, KV head) to finish, counted by an atomic ticket, combines them, so
-the whole attention stays one launch. Few sequences then still fill the GPU.
+the whole attention stays one launch. A sequence that fits one chunk is written directly, with
+no partials: the split count can follow the cache's capacity, the cost follows the length.
 
 Query rows and output rows are picked by `tokens` (the decode tokens' rows of a mixed batch), so
 no gather or scatter runs around the kernel.
@@ -33,7 +35,8 @@ def _kernel():
         stride_qb, stride_qh, stride_ks, stride_kh, stride_kl, stride_vs, stride_vh, stride_vl,
         stride_ob, stride_oh, stride_cos,
         HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_TILE: tl.constexpr, HALF: tl.constexpr,
-        BLOCK_L: tl.constexpr, SPLITS: tl.constexpr, ROTARY: tl.constexpr, DOT_F32: tl.constexpr,
+        BLOCK_L: tl.constexpr, SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr, ROTARY: tl.constexpr,
+        DOT_F32: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
         b = tl.program_id(0)
@@ -50,7 +53,8 @@ def _kernel():
         q_ptr = Q + token * stride_qb + heads[:, None] * stride_qh + h[None, :]
         q1 = tl.load(q_ptr, mask=head_mask, other=0.0)
         q2 = tl.load(q_ptr + HALF, mask=head_mask, other=0.0)
-        chunk = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_L) * BLOCK_L
+        chunk = tl.cdiv(tl.maximum(tl.cdiv(length, SPLITS), MIN_CHUNK), BLOCK_L) * BLOCK_L
+        used = tl.cdiv(length, chunk)  # splits with positions; the others do nothing
         begin = split * chunk
         end = tl.minimum(length, begin + chunk)
         k_base = K + slot.to(tl.int64) * stride_ks + kv_head * stride_kh
@@ -59,6 +63,13 @@ def _kernel():
             new = length - 1
             cos = tl.load(COS + new * stride_cos + h).to(tl.float32)
             sin = tl.load(SIN + new * stride_cos + h).to(tl.float32)
+            # the new key and value rows, loaded now so that their latency overlaps the rest
+            k_row = Q + token * stride_qb + (HEADS + kv_head) * (2 * HALF)
+            v_row = Q + token * stride_qb + (HEADS + num_kv + kv_head) * (2 * HALF)
+            x1 = tl.load(k_row + h)
+            x2 = tl.load(k_row + HALF + h)
+            v1n = tl.load(v_row + h)
+            v2n = tl.load(v_row + HALF + h)
             # half-split rotary, each product and sum rounded to the dtype (as the torch path rounds);
             # a nested @triton.jit helper would not resolve from this closure, hence written out twice
             dt = q1.dtype
@@ -107,17 +118,11 @@ def _kernel():
             m = m_new
         if ROTARY:
             if (new >= begin) & (new < end):  # the chunk holding the new position: store it, attend to it
-                k_row = Q + token * stride_qb + (HEADS + kv_head) * (2 * HALF)
-                v_row = Q + token * stride_qb + (HEADS + num_kv + kv_head) * (2 * HALF)
-                x1 = tl.load(k_row + h)
-                x2 = tl.load(k_row + HALF + h)
                 ka = (x1.to(tl.float32) * cos).to(dt).to(tl.float32)
                 kb = (x2.to(tl.float32) * sin).to(dt).to(tl.float32)
                 kc = (x2.to(tl.float32) * cos).to(dt).to(tl.float32)
                 ke = (x1.to(tl.float32) * sin).to(dt).to(tl.float32)
                 k1n, k2n = (ka - kb).to(dt), (kc + ke).to(dt)
-                v1n = tl.load(v_row + h)
-                v2n = tl.load(v_row + HALF + h)
                 tl.store(k_base + new * stride_kl + h, k1n.to(K.dtype.element_ty))
                 tl.store(k_base + new * stride_kl + HALF + h, k2n.to(K.dtype.element_ty))
                 tl.store(v_base + new * stride_vl + h, v1n.to(V.dtype.element_ty))
@@ -137,8 +142,12 @@ def _kernel():
         if SPLITS == 1:
             tl.store(out_ptr, (acc1 / l[:, None]).to(O.dtype.element_ty), mask=head_mask)
             tl.store(out_ptr + HALF, (acc2 / l[:, None]).to(O.dtype.element_ty), mask=head_mask)
-        else:
-            # partials [B, Hkv, SPLITS, GROUP_TILE, (D | 2)]; an empty chunk leaves m = -inf, l = 0
+        elif used == 1:  # the whole sequence in split 0's chunk: written directly, no partials
+            if split == 0:
+                tl.store(out_ptr, (acc1 / l[:, None]).to(O.dtype.element_ty), mask=head_mask)
+                tl.store(out_ptr + HALF, (acc2 / l[:, None]).to(O.dtype.element_ty), mask=head_mask)
+        elif split < used:
+            # partials [B, Hkv, SPLITS, GROUP_TILE, (D | 2)] of the `used` splits, combined by the last
             pair = (b * num_kv + kv_head).to(tl.int64)
             row = (pair * SPLITS + split) * GROUP_TILE + g
             acc_ptr = PART_ACC + row[:, None] * (2 * HALF) + h[None, :]
@@ -149,20 +158,20 @@ def _kernel():
             # every thread's partials are in before the ticket moves (acq_rel); the last sees all
             tl.debug_barrier()
             ticket = tl.atomic_add(TICKETS + pair, 1, sem="acq_rel")
-            if ticket == SPLITS - 1:
+            if ticket == used - 1:
                 tl.debug_barrier()
                 rows = pair * SPLITS * GROUP_TILE + g
                 m_all = tl.full([GROUP_TILE], float("-inf"), tl.float32)
-                for i in range(SPLITS):
+                for i in range(used):
                     m_all = tl.maximum(m_all, tl.load(PART_ML + (rows + i * GROUP_TILE) * 2, cache_modifier=".cg"))
                 total = tl.zeros([GROUP_TILE], tl.float32)
                 out1 = tl.zeros([GROUP_TILE, HALF], tl.float32)
                 out2 = tl.zeros([GROUP_TILE, HALF], tl.float32)
-                for i in range(SPLITS):
+                for i in range(used):
                     r = rows + i * GROUP_TILE
                     m_i = tl.load(PART_ML + r * 2, cache_modifier=".cg")
                     l_i = tl.load(PART_ML + r * 2 + 1, cache_modifier=".cg")
-                    w = tl.where(l_i > 0, tl.exp(m_i - m_all), 0.0)
+                    w = tl.exp(m_i - m_all)  # every used chunk holds positions: l_i > 0
                     total += w * l_i
                     part = PART_ACC + r[:, None] * (2 * HALF) + h[None, :]
                     out1 += w[:, None] * tl.load(part, cache_modifier=".cg")
@@ -189,22 +198,34 @@ def _tickets(device: torch.device, count: int) -> torch.Tensor:
     return t
 
 
-def choose_splits(batch: int, kv_heads: int, max_len: int, sms: int, block_l: int = 64) -> int:
-    """Chunks of the KV length per (sequence, KV head): enough programs to fill the GPU
-    (`sms` multiprocessors) without chunks shorter than one block of `block_l` positions."""
+MIN_CHUNK = 256  # positions per split at least: on an H200 at batch 1 (32 heads, 192 positions) one
+# program per head took 5.2 us against 7.0 us for 5 chunks of 64 combined (bench/decode_kernels.py)
+
+
+def choose_splits(batch: int, kv_heads: int, max_len: int, sms: int, min_chunk: int = MIN_CHUNK) -> int:
+    """Chunks of the KV length per (sequence, KV head) for sequences of up to `max_len`: enough
+    programs to fill the GPU (`sms` multiprocessors), chunks of at least `min_chunk` positions."""
     pairs = max(1, batch * kv_heads)
     if pairs >= sms:
         return 1
-    return max(1, min(-(-sms // pairs), -(-max_len // block_l), 64))
+    return max(1, min(-(-sms // pairs), -(-max_len // min_chunk), 64))
+
+
+def block_for(batch: int, kv_heads: int, sms: int) -> int:
+    """Positions per loop step: 32 once the programs fill the GPU (at batch 16 on an H200, 17.2 ->
+    13.4 us a layer: smaller tiles, more programs resident), 64 below (fewer dependent steps)."""
+    return 32 if batch * kv_heads >= sms else 64
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
                      lengths: torch.Tensor, scale: float, block_l: int = 64, splits: int = 1,
                      tokens: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                     rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                     rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     min_chunk: int = MIN_CHUNK, num_warps: int = 4) -> torch.Tensor:
     """q [T, H, D] (row stride free); k/v_cache [slots, Hkv, L, D]; slots, lengths [B] (int).
     tokens [B]: q's row of each sequence (default: rows 0..B-1, then T = B). Returns out [T, H, D]
-    with those rows written (a new tensor unless `out` is given).
+    with those rows written (a new tensor unless `out` is given). splits: chunks of the KV length
+    launched per (sequence, KV head), each of at least min_chunk positions (choose_splits).
 
     rotary (cos, sin tables [P, D/2]): q is instead the QKV projection's output [T, (H + 2 Hkv) D]
     of decode tokens at position length - 1, not yet rotated nor cached: the kernel rotates the
@@ -246,9 +267,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q, k_cache, v_cache, out, tokens, slots, lengths, part_acc, part_ml, tickets, cos, sin, scale,
         q_strides[0], q_strides[1], k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), cos.stride(0),
-        HEADS=H, GROUP=group, GROUP_TILE=tile, HALF=D // 2, BLOCK_L=block_l, SPLITS=splits,
+        HEADS=H, GROUP=group, GROUP_TILE=tile, HALF=D // 2, BLOCK_L=block_l, SPLITS=splits, MIN_CHUNK=min_chunk,
         ROTARY=rotary is not None, DOT_F32=_INTERPRET,
         PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
-        num_warps=4,
+        num_warps=num_warps,
     )
     return out

@@ -24,6 +24,7 @@ def _kernel():
         cols = tl.arange(0, BLOCK)
         mask = cols < N
         x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+        w = tl.load(W + cols, mask=mask, other=0.0)  # issued with x: its latency (DRAM, not L2) overlaps
         if HAS_RESIDUAL:
             r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
             x = (x.to(tl.float32) + r.to(tl.float32)).to(R.dtype.element_ty)
@@ -31,14 +32,15 @@ def _kernel():
         h = x.to(tl.float32)
         rstd = tl.rsqrt(tl.sum(h * h, axis=0) / N + eps)  # as torch.rsqrt
         y = (h * rstd).to(O.dtype.element_ty)
-        w = tl.load(W + cols, mask=mask, other=0.0)
         tl.store(O + row * stride_o + cols, (w.to(tl.float32) * y.to(tl.float32)).to(O.dtype.element_ty), mask=mask)
 
     return add_rms_norm_kernel
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x [T, N] (and residual [T, N], updated in place to residual + x) → RMSNorm of the sum [T, N]."""
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 num_warps: int | None = None) -> torch.Tensor:
+    """x [T, N] (and residual [T, N], updated in place to residual + x) → RMSNorm of the sum [T, N].
+    One program per row; num_warps defaults to one per 256 columns (16 at most)."""
     global _COMPILED
     if _COMPILED is None:
         _COMPILED = _kernel()
@@ -52,5 +54,6 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     block = 1 << (N - 1).bit_length()
     r = residual if residual is not None else x
     _COMPILED[(T,)](x, r, weight, out, x.stride(0), r.stride(0), out.stride(0), N, eps,
-                    HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)))
+                    HAS_RESIDUAL=residual is not None, BLOCK=block,
+                    num_warps=num_warps or min(16, max(1, block // 256)))
     return out

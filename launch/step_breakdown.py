@@ -92,13 +92,18 @@ def kernel_ms(fn) -> float | None:
     return sum(us) / 1e3 if us else None
 
 
-def graph_breakdown(worker, batch: int, replays: int = 50, profiled: int = 5) -> dict | None:
-    """GPU time and kernel split of the decode graph that serves `batch` sequences (None without graphs)."""
+def graph_breakdown(worker, batch: int, context: int, replays: int = 50, profiled: int = 5) -> dict | None:
+    """GPU time and kernel split of the decode graph that serves `batch` sequences (None without
+    graphs), replayed with every sequence at `context` positions (the run's mean: attention's
+    share grows with it)."""
     graphs = getattr(worker, "graphs", None)
     if graphs is None or not graphs.can_run(batch):
         return None
     size = next(s for s in sorted(graphs.graphs) if s >= batch)
     graph = graphs.graphs[size]
+    # the static inputs still hold the run's last step; a real step overwrites all of them again
+    graphs.positions[:size] = context - 1
+    graphs.kv_lens[:size] = context
     for _ in range(3):
         graph.replay()
     torch.cuda.synchronize()
@@ -144,6 +149,23 @@ def graph_breakdown(worker, batch: int, replays: int = 50, profiled: int = 5) ->
         logger.warning("profiling the decode graph failed: %s", e)
         out["profile_error"] = f"{type(e).__name__}: {e}"
     return out
+
+
+def host_profile(fn, steps: int, top: int = 15) -> list[dict]:
+    """The functions where the host spends a decode step (cProfile over `fn`, which runs `steps`
+    decode steps; the profiler's own cost inflates every figure, so read them as a ranking)."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    fn()
+    prof.disable()
+    stats = pstats.Stats(prof).stats
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]  # by own time
+    return [{"function": f"{path.rsplit('/', 2)[-1] if '/' in path else path}:{line}({name})",
+             "calls_per_step": calls / steps, "own_us_per_step": 1e6 * own / steps, "cum_us_per_step": 1e6 * cum / steps}
+            for (path, line, name), (_, calls, own, cum, _) in rows]
 
 
 def floor(worker, batch: int, mean_context: float, bandwidth: float) -> dict:

@@ -121,7 +121,8 @@ def _breakdown(llm, worker, prompts, b: int, elapsed: float, steps: int, input_l
     prefill_s = time.perf_counter() - t
     decode_ms = 1000 * (elapsed - prefill_s) / max(steps - 1, 1)
     out = {"prefill_s": prefill_s, "decode_step_ms": decode_ms, "decode_tokens_per_s": b / decode_ms * 1e3}
-    graph = step_breakdown.graph_breakdown(worker, b)
+    mean_context = int(input_len + output_len / 2)
+    graph = step_breakdown.graph_breakdown(worker, b, mean_context)
     if graph is not None:
         out.update(graph)
         n = 8
@@ -135,7 +136,11 @@ def _breakdown(llm, worker, prompts, b: int, elapsed: float, steps: int, input_l
         except Exception as e:  # a report, never a reason to lose the row
             out["profile_error"] = f"loop profile: {type(e).__name__}: {e}"
         out["host_gap_ms"] = decode_ms - graph["gpu_step_ms"] - out.get("outside_graph_gpu_ms", 0.0)
-    fl = step_breakdown.floor(worker, b, input_len + output_len / 2, bandwidth)
+        if b == 1:  # where the host's share of a step goes
+            steps = 32
+            out["host_profile"] = step_breakdown.host_profile(lambda: llm.generate(prompts, SamplingParams(
+                max_tokens=1 + steps, temperature=0, ignore_eos=True)), steps)
+    fl = step_breakdown.floor(worker, b, mean_context, bandwidth)
     out.update(fl)
     out["share_of_floor"] = fl["floor_step_ms"] / decode_ms
     return out

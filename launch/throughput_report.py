@@ -75,6 +75,12 @@ def breakdown_table(report: dict) -> list[str]:
                    + " | ".join(_fmt(c, ".3f") for c in cells)
                    + f" | {_fmt(b.get('launches_per_step'), '.0f')} | {_fmt(b.get('floor_step_ms'), '.3f')} "
                    f"| {_fmt(100 * b['share_of_floor'] if b.get('share_of_floor') else None, '.0f')}% | {same} |")
+    for r in rows:
+        prof = r["breakdown"].get("host_profile")
+        if prof:
+            out += ["", f"host per decode step, {r['dtype']} kernels={_kernels(r)} batch {r['batch']} (cProfile, "
+                        f"own time, inflated by the profiler): "
+                    + "; ".join(f"{p['function']} {p['own_us_per_step']:.0f} us" for p in prof[:10])]
     return out
 
 

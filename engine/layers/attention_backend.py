@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from engine.batch import ForwardBatch
 from engine.kv_cache import KVCache
 from engine.layers.rotary import RotaryEmbedding
-from kernels.decode_attention import choose_splits, decode_attention
+from kernels.decode_attention import block_for, choose_splits, decode_attention
 from kernels.rotary_kv import rotary_kv
 
 
@@ -138,11 +138,13 @@ class TritonSlotAttention(SlotAttention):
 
     def _attention(self, shape, q, out, batch, cache, rotary=None) -> None:
         # no host sync: lengths stay on the device; the split count follows the cache's capacity
+        # (a sequence shorter than one chunk costs no more for it: kernels.decode_attention)
         k_cache = cache.k[shape.layer]
-        splits = choose_splits(batch.decode_slots.shape[0], shape.kv_heads, cache.capacity,
-                               self._multiprocessors(k_cache.device))
+        sequences, sms = batch.decode_slots.shape[0], self._multiprocessors(k_cache.device)
         decode_attention(q, k_cache, cache.v[shape.layer], batch.decode_slots, batch.decode_kv_lens, shape.scale,
-                         splits=splits, tokens=batch.decode_token_index, out=out, rotary=rotary)
+                         block_l=block_for(sequences, shape.kv_heads, sms),
+                         splits=choose_splits(sequences, shape.kv_heads, cache.capacity, sms),
+                         tokens=batch.decode_token_index, out=out, rotary=rotary)
 
     def _multiprocessors(self, device: torch.device) -> int:
         if device not in self._sms:

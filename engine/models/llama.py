@@ -101,12 +101,13 @@ class LlamaForCausalLM(nn.Module):
         self.num_local_kv_heads = self.layers[0].self_attn.kv_heads
 
     def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
-        """Final hidden states of the tokens in batch.logits_index (each sequence's last, by default)."""
+        """Final hidden states of the tokens in batch.logits_index (each sequence's last, by default;
+        every token when None, as in a decode step)."""
         h, residual = self.embed_tokens(batch.token_ids), None
         for layer in self.layers:
             h, residual = layer(h, residual, batch, cache)
         h, _ = self.norm(h, residual)
-        return h[batch.logits_index]
+        return h if batch.logits_index is None else h[batch.logits_index]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

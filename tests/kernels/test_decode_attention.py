@@ -37,11 +37,12 @@ def test_matches_sdpa(device, heads, kv_heads, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("splits", [2, 3, 8])
+@pytest.mark.parametrize("splits, min_chunk", [(2, 16), (3, 16), (8, 16), (8, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_split_kv_length_matches_sdpa(device, splits, dtype):
-    """Flash-decoding splits (some chunks empty at short lengths) combine to the unsplit result;
-    query and output rows are picked by `tokens`, other output rows stay untouched."""
+def test_split_kv_length_matches_sdpa(device, splits, min_chunk, dtype):
+    """Flash-decoding splits combine to the unsplit result, whether a sequence takes several chunks,
+    one (written directly), or leaves launched splits empty; query and output rows are picked by
+    `tokens`, other output rows stay untouched."""
     g = torch.Generator().manual_seed(splits)
     heads, kv_heads, D, slots, cap, T = 8, 2, 32, 4, 200, 6
     lengths = torch.tensor([1, 70, 200, 33])
@@ -53,7 +54,7 @@ def test_split_kv_length_matches_sdpa(device, splits, dtype):
     out = torch.full((T, heads, D), 9.0, dtype=dtype, device=device)
     for _ in range(2):  # twice: the tickets must be left zeroed for the next launch
         decode_attention(q, k, v, slot_of.to(device), lengths.to(device), D ** -0.5, block_l=16, splits=splits,
-                         tokens=tokens.to(device), out=out)
+                         tokens=tokens.to(device), out=out, min_chunk=min_chunk)
         for b in range(4):
             n, s, t = int(lengths[b]), int(slot_of[b]), int(tokens[b])
             ref = F.scaled_dot_product_attention(q[t:t + 1, :, None].double(), k[s:s + 1, :, :n].double(),
@@ -67,8 +68,9 @@ def test_choose_splits():
     from kernels.decode_attention import choose_splits
 
     assert choose_splits(64, 32, 4096, 132) == 1  # enough (sequence, KV head) pairs already
-    assert choose_splits(1, 32, 272, 132) == 5  # 132 / 32 -> 5 chunks, each >= one 64-position block
-    assert choose_splits(1, 32, 64, 132) == 1  # one block long: nothing to split
+    assert choose_splits(1, 32, 4096, 132) == 5  # 132 / 32 -> 5 programs per pair fill the GPU
+    assert choose_splits(1, 32, 272, 132) == 2  # chunks of >= 256 positions: two at most
+    assert choose_splits(1, 32, 200, 132) == 1
     assert choose_splits(1, 8, 8192, 132) == 17
 
 
@@ -95,9 +97,9 @@ def test_rotary_fused_equals_rotary_kv_then_attention(device, splits, dtype):
     rotary_kv(qkv_ref, heads, kv_heads, D, (lengths - 1).to(**dev), rotary.cos, rotary.sin, slot_of.to(**dev),
               k_ref, v_ref)
     want = decode_attention(qkv_ref[:, :heads * D].view(3, heads, D), k_ref, v_ref, slot_of.to(**dev),
-                            lengths.to(**dev), D ** -0.5, block_l=16, splits=splits)
+                            lengths.to(**dev), D ** -0.5, block_l=16, splits=splits, min_chunk=16)
     got = decode_attention(qkv, k, v, slot_of.to(**dev), lengths.to(**dev), D ** -0.5, block_l=16, splits=splits,
-                           rotary=(rotary.cos, rotary.sin))
+                           rotary=(rotary.cos, rotary.sin), min_chunk=16)
     assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert torch.allclose(got.double(), want.double(), atol=tol, rtol=tol), (got.double() - want.double()).abs().max()
