@@ -71,16 +71,17 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    level = str(args.log_level).upper()
-    if level not in LOG_LEVELS:
-        print(f"error: --log-level {args.log_level!r} is not one of {', '.join(LOG_LEVELS)}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if getattr(args, "_missing", None):
-        print(f"error: {args._missing} is not available in this build", file=sys.stderr)
-        return 2
+    args = None
     try:
+        args = build_parser().parse_args(argv)  # imports every command: Ctrl-C may land here too
+        level = str(args.log_level).upper()
+        if level not in LOG_LEVELS:
+            print(f"error: --log-level {args.log_level!r} is not one of {', '.join(LOG_LEVELS)}", file=sys.stderr)
+            return 2
+        logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if getattr(args, "_missing", None):
+            print(f"error: {args._missing} is not available in this build", file=sys.stderr)
+            return 2
         return int(importlib.import_module(args._module).run(args) or 0)
     except QShardError as e:
         return report_error(e, debug_requested(args))
