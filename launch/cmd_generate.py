@@ -29,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens whose probability is below this fraction of the most likely one's")
     p.add_argument("--stop", action="append", default=None,
                    help="stop when the generated text contains this string (repeat for several)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
@@ -68,8 +70,8 @@ def check_before_load(args) -> None:
 
 def run(args) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed if args.temperature > 0 else None,
-                            stop=args.stop, ignore_eos=args.ignore_eos)
+                            top_k=args.top_k, min_p=args.min_p,
+                            seed=args.seed if args.temperature > 0 else None, stop=args.stop, ignore_eos=args.ignore_eos)
     executor_options(args)
     check_before_load(args)
     with llm_from_args(args) as llm:
