@@ -84,3 +84,17 @@ def test_fused_equals_torch_on_cuda(checkpoint, graphs):
                  cuda_graphs=graphs, kernels=kernels, progress=False) as llm:
             tokens[kernels] = [list(o.token_ids) for o in llm.generate(PROMPTS, params)]
     assert tokens["triton"] == tokens["torch"]
+
+
+@pytest.mark.cuda
+def test_fused_equals_transformers_on_cuda(checkpoint):
+    """The fused path on CUDA (kernels auto, graphs) gives transformers' greedy tokens (float32)."""
+    from tests.helpers import hf_greedy
+
+    hf_tokens, _ = hf_greedy(checkpoint, PROMPTS, 12)
+    with LLM(str(checkpoint), device="cuda", dtype="float32", executor="uni", max_num_seqs=4, max_model_len=64,
+             progress=False) as llm:
+        assert llm.executor.worker.model.layers[0].self_attn.attn.backend.name == "triton"
+        ours = [list(o.token_ids) for o in llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0,
+                                                                                 ignore_eos=True))]
+    assert ours == hf_tokens
