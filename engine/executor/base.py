@@ -5,6 +5,14 @@ In-process (`uni`), spawned processes (`mp`), torchrun's ranks (`external`) and 
 
 Failure contract: a rank that dies or fails makes `execute` raise `WorkerFailure` naming the
 rank (within 30 s for a dead process), after which the executor has stopped every other rank.
+
+Interrupt contract: SIGINT/SIGTERM to the driver alone stop every rank the executor owns and
+the driver unwinds (KeyboardInterrupt / SystemExit(128 + signum)) within seconds, wherever its
+main thread is blocked (engine.executor.interrupt); the executor is broken afterwards.
+
+Start-up contract: an executor waits for its ranks as long as they make progress (layers read,
+reported through `Worker(on_progress=...)`), and fails naming a rank that exits or that made
+no progress for dist_timeout_s (engine.executor.startup).
 """
 
 from __future__ import annotations

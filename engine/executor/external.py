@@ -12,14 +12,20 @@ collective is attempted again (shutdown would otherwise wait on a broken group).
 SIGINT to a rank (rank 0 alone, say) marks its engine broken (engine.executor.interrupt) before
 the KeyboardInterrupt unwinds it, so that shutdown sends no STOP into a group whose other ranks
 are still inside a step; the launcher then leaves at once, torchrun's agent sees the exit and
-stops the rest, whose collectives fail against the gone rank. SIGTERM stays the launcher's
+stops the rest, whose collectives fail against the gone rank. A rank whose main thread is still
+inside a collective INTERRUPT_GRACE_S after the SIGINT (a gloo wait that never returns to the
+interpreter, as seen with mp before its followers were killed) leaves by os._exit(130): under
+torchrun nothing in this process outlives the engine's group anyway. SIGTERM stays the launcher's
 (launch.torchrun: the agent stopping the survivors of a failure).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import signal
+import threading
 import traceback
 
 import torch
@@ -36,12 +42,17 @@ from engine.worker import Worker
 from parallel.collectives import broadcast_int64
 from parallel.state import context_from_default_group, init_process_group
 
+logger = logging.getLogger(__name__)
+
+INTERRUPT_GRACE_S = 2.0
+
 
 class ExternalExecutor(Executor):
     def __init__(self, config: EngineConfig):
         super().__init__(config)
         self.worker = None
         self.broken = False
+        self._busy = 0  # > 0 while the main thread is inside a call that runs collectives
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", rank))
         if world != config.tensor_parallel_size:
@@ -68,6 +79,31 @@ class ExternalExecutor(Executor):
 
     def _on_interrupt(self, signum: int) -> None:
         self.broken = True
+        timer = threading.Timer(INTERRUPT_GRACE_S, self._leave_if_stuck, args=(signum,))
+        timer.daemon = True
+        timer.start()
+
+    def _leave_if_stuck(self, signum: int) -> None:
+        if self._busy:
+            logger.warning("rank %d: still inside a collective %.0f s after %s: leaving now", self.ctx.rank,
+                           INTERRUPT_GRACE_S, signal.Signals(signum).name)
+            logging.shutdown()
+            os._exit(128 + signum)
+
+    @contextlib.contextmanager
+    def _collective(self):
+        """Around every call that enters collectives: a failure names the rank that went away,
+        unless an interrupt caused it."""
+        self._busy += 1
+        try:
+            yield
+        except WorkerFailure:
+            raise
+        except Exception as e:
+            self.interrupt.raise_now()
+            raise self._failure(e) from e
+        finally:
+            self._busy -= 1
 
     # -- failures -------------------------------------------------------------------------------
 
@@ -105,27 +141,21 @@ class ExternalExecutor(Executor):
     def execute(self, step: StepInput) -> StepOutput:
         self._check()
         self._count(step)
-        try:
+        with self._collective():
             broadcast_int64(step.encode(), self.ctx)
             return self.worker.execute(step)
-        except Exception as e:
-            self.interrupt.raise_now()
-            raise self._failure(e) from e
 
     def end_of_call(self, results: list[list[int]]) -> list[list[int]]:
         self._check()
-        try:
+        with self._collective():
             broadcast_int64(StepInput.control(END_OF_CALL).encode(), self.ctx)
             broadcast_int64(_encode_results(results), self.ctx)
-        except Exception as e:
-            self.interrupt.raise_now()
-            raise self._failure(e) from e
         return results
 
     def follow(self) -> list[list[int]]:
         """Run rank 0's steps until its generate() call ends; return its token ids."""
         self._check()
-        try:
+        with self._collective():
             while True:
                 step = StepInput.decode(broadcast_int64(None, self.ctx))
                 if step.flags & STOP:
@@ -134,20 +164,12 @@ class ExternalExecutor(Executor):
                     return _decode_results(broadcast_int64(None, self.ctx))
                 self._count(step)
                 self.worker.execute(step)
-        except WorkerFailure:
-            raise
-        except Exception as e:
-            self.interrupt.raise_now()
-            raise self._failure(e) from e
 
     def collect_stats(self, reset: bool = False) -> list[dict]:
         """SPMD: every rank calls this at the same point of the program; rank 0 gets the list."""
         self._check()
-        try:
+        with self._collective():
             return gather_stats(self.ctx, reset, self.worker.weight_bytes_read) or []
-        except Exception as e:
-            self.interrupt.raise_now()
-            raise self._failure(e) from e
 
     def rank_pids(self) -> dict[int, int]:
         return {self.ctx.rank: os.getpid()}

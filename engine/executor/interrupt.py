@@ -37,7 +37,7 @@ class InterruptGuard:
         self._handled = 0  # signals the Python-level handler ran for
         self._raised = 0  # signals raised for (a second Ctrl-C raises again)
         self._previous: dict[int, object] = {}
-        self._wakeup_previous: int | None = None
+        self._wakeup_previous = -1
         self._sockets: tuple[socket.socket, socket.socket] | None = None
 
     # -- install / restore ------------------------------------------------------------------------
@@ -79,7 +79,9 @@ class InterruptGuard:
                 if signal.getsignal(sig) == self._handle:
                     signal.signal(sig, previous)
             if self._sockets is not None:
-                signal.set_wakeup_fd(self._wakeup_previous if self._wakeup_previous is not None else -1)
+                current = signal.set_wakeup_fd(self._wakeup_previous)
+                if current != self._sockets[1].fileno():  # someone set theirs after ours: keep it
+                    signal.set_wakeup_fd(current)
         self._previous.clear()
         if self._sockets is not None:
             for s in self._sockets:
