@@ -11,6 +11,14 @@ shapes that fit). Results: a table on stdout, `throughput.json` and `throughput.
 
 Under torchrun (`torchrun -m launch.torchrun bench throughput ...`) the same arguments measure
 the one TP size torchrun started.
+
+    qshard bench throughput --shape llama-2-7b --quant gptq-w4g128 --executor uni --kernels torch,auto
+
+`--kernels` lists engine kernel paths for the layers' non-matmul work, each one configuration
+(torch,auto: before and after in one run). In-process (--executor uni) on CUDA every row also
+breaks the decode step down (launch/step_breakdown.py): the graph's GPU time, its quantized and
+dense matmuls, attention and other kernels, GPU work outside the graph, the host gap, and the
+bandwidth floor with the share reached; the table prints it below the throughput table.
 """
 
 from __future__ import annotations

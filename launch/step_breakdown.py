@@ -80,16 +80,19 @@ def kv_bytes_per_position(model: torch.nn.Module, cache) -> int:
     return 2 * cache.num_layers * cache.num_kv_heads * cache.head_dim * torch.empty(0, dtype=cache.dtype).element_size()
 
 
-def kernel_ms(fn) -> float | None:
-    """Summed duration (ms) of the CUDA kernels `fn` launches, from one profiler pass (None if it saw none)."""
+def kernel_ms(fn, exclude: frozenset[str] = frozenset()) -> float | None:
+    """Summed duration (ms) of the CUDA kernels and copies `fn` launches whose names are not in
+    `exclude`, from one profiler pass (None if it saw no device work at all)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    us = [e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA]
-    return sum(us) / 1e3 if us else None
+    events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    if not events:
+        return None
+    return sum(e.time_range.elapsed_us() for e in events if e.name not in exclude) / 1e3
 
 
 def graph_breakdown(worker, batch: int, context: int, replays: int = 50, profiled: int = 5) -> dict | None:
@@ -126,9 +129,11 @@ def graph_breakdown(worker, batch: int, context: int, replays: int = 50, profile
         times = {"quant_matmul": 0.0, "dense_matmul": 0.0, "attention": 0.0, "other": 0.0}
         others: dict[str, float] = {}
         launches = 0
+        names = set()
         for e in prof.events():
             if e.device_type != DeviceType.CUDA:
                 continue
+            names.add(e.name)
             us = e.time_range.elapsed_us()
             kind = kernel_kind(e.name)
             times[kind] += us
@@ -143,6 +148,7 @@ def graph_breakdown(worker, batch: int, context: int, replays: int = 50, profile
         out["kernels_ms"] = sum(times.values()) * per
         out["in_graph_gaps_ms"] = max(0.0, gpu_ms - out["kernels_ms"])
         out["launches_per_step"] = launches / profiled
+        out["kernel_names"] = sorted(names)  # what a replay runs (the caller tells outside work by it)
         top = sorted(others.items(), key=lambda kv: -kv[1])[:8]
         out["top_other_kernels"] = [{"name": n[:90], "ms_per_step": v * per} for n, v in top]
     except Exception as e:  # the breakdown is a report, never a reason to lose the throughput figure

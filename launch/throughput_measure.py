@@ -124,15 +124,16 @@ def _breakdown(llm, worker, prompts, b: int, elapsed: float, steps: int, input_l
     mean_context = int(input_len + output_len / 2)
     graph = step_breakdown.graph_breakdown(worker, b, mean_context)
     if graph is not None:
+        in_graph = frozenset(graph.pop("kernel_names", ()))
         out.update(graph)
         n = 8
-        try:
+        try:  # device work of a real step that is not the replay's: n decode steps less the prefill alone
             alone = step_breakdown.kernel_ms(lambda: llm.generate(prompts, SamplingParams(
-                max_tokens=1, temperature=0, ignore_eos=True)))
+                max_tokens=1, temperature=0, ignore_eos=True)), exclude=in_graph)
             with_decode = step_breakdown.kernel_ms(lambda: llm.generate(prompts, SamplingParams(
-                max_tokens=1 + n, temperature=0, ignore_eos=True)))
-            if alone is not None and with_decode is not None and "kernels_ms" in graph:
-                out["outside_graph_gpu_ms"] = max(0.0, (with_decode - alone) / n - graph["kernels_ms"])
+                max_tokens=1 + n, temperature=0, ignore_eos=True)), exclude=in_graph)
+            if alone is not None and with_decode is not None and in_graph:
+                out["outside_graph_gpu_ms"] = max(0.0, (with_decode - alone) / n)
         except Exception as e:  # a report, never a reason to lose the row
             out["profile_error"] = f"loop profile: {type(e).__name__}: {e}"
         out["host_gap_ms"] = decode_ms - graph["gpu_step_ms"] - out.get("outside_graph_gpu_ms", 0.0)
