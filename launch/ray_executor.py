@@ -203,11 +203,12 @@ class RayExecutor(Executor):
         driver_node = ray.get_runtime_context().get_node_id()
         local_pids = {r: i["pid"] for r, i in enumerate(self.infos) if i["node_id"] == driver_node}
         self._get(refs, timeout_s, "load its shard", progress=StartupWatch(range(world), self.config.dist_timeout_s),
-                  local_pids=local_pids)
+                  local_pids=local_pids, where={r: f"pid {i['pid']} on {i['ip']}" for r, i in enumerate(self.infos)})
         self.follow_refs = {r: self.actors[r].follow.remote() for r in range(1, world)}
 
     def _get(self, refs: list, timeout_s: float, what: str, label: str = "rank",
-             progress: StartupWatch | None = None, local_pids: dict[int, int] | None = None) -> list:
+             progress: StartupWatch | None = None, local_pids: dict[int, int] | None = None,
+             where: dict[int, str] | None = None) -> list:
         """ray.get of one ref per rank (or actor, before ranks exist), failing fast and by name:
         with `progress`, when no waiting rank moved for its timeout, else after timeout_s."""
         ray = self.ray
@@ -230,14 +231,14 @@ class RayExecutor(Executor):
                     if progress is not None:  # gave up waiting in the rendezvous for a rank behind it?
                         behind = [r for r in waiting if stage(progress.text(r)) < stage(progress.text(rank))]
                         if behind:
-                            raise WorkerFailure(f"{progress.message(behind)}; rank {rank} gave up waiting: "
+                            raise WorkerFailure(f"{progress.message(behind, where)}; rank {rank} gave up waiting: "
                                                 f"{_cause(e)}", behind) from e
                     raise WorkerFailure(f"{label} {rank} failed to {what}: {_cause(e)}",
                                         [rank] if label == "rank" else []) from e
             if progress is not None:
                 stalled = progress.stalled(waiting)
                 if stalled:
-                    raise WorkerFailure(progress.message(stalled), stalled)
+                    raise WorkerFailure(progress.message(stalled, where), stalled)
             elif pending and time.monotonic() > deadline:
                 raise WorkerFailure(f"{label}s {waiting} did not {what} within {timeout_s:.0f}s",
                                     waiting if label == "rank" else [])

@@ -236,7 +236,8 @@ class MultiprocExecutor(Executor):
                               self.procs[rank].pid)
             stalled = watch.stalled(pending)
             if stalled:
-                raise WorkerFailure(watch.message(stalled), stalled)
+                raise WorkerFailure(watch.message(stalled, {r: f"pid {p.pid}" for r, p in self.procs.items()}),
+                                    stalled)
             time.sleep(0.05)
 
     def dead_ranks(self) -> list[tuple[int, int | None]]:

@@ -83,14 +83,16 @@ class StartupWatch:
         behind = min(stage(self.text(r)) for r in pending)
         return [r for r in sorted(pending) if stage(self.text(r)) == behind]
 
-    def message(self, ranks) -> str:
+    def message(self, ranks, where: dict[int, str] | None = None) -> str:
+        """Why `ranks` stalled; `where` adds e.g. "pid 123" after a rank's number."""
         now = time.monotonic()
         parts = []
         for r in ranks:
             text, quiet = self.text(r), now - self.since[r]
+            name = f"rank {r}" + (f" ({where[r]})" if where and r in where else "")
             if stage(text)[0] < 3:
-                parts.append(f"rank {r} hung before loading (no progress for {quiet:.0f} s; last: {describe(text)})")
+                parts.append(f"{name} hung before loading (no progress for {quiet:.0f} s; last: {describe(text)})")
             else:
-                parts.append(f"rank {r} made no progress for {quiet:.0f} s (last: {describe(text)})")
+                parts.append(f"{name} made no progress for {quiet:.0f} s (last: {describe(text)})")
         return "; ".join(parts)
 

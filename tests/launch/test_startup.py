@@ -94,7 +94,7 @@ def test_rank_hung_before_loading_is_named_within_the_timeout(model_dir):
         print(f"\n{type(error).__name__}: {error} ({took:.1f}s after the stop)")
         assert isinstance(error, WorkerFailure), repr(error)
         assert error.ranks == [1], error.ranks
-        assert str(error).startswith("rank 1 hung before loading (no progress for "), str(error)
+        assert str(error).startswith(f"rank 1 (pid {stopped[0].pid}) hung before loading (no progress for "), str(error)
         assert TIMEOUT_S <= took < TIMEOUT_S + 10
         assert not wait_gone([stopped[0].pid], 10), "the hung rank was not cleaned up"
         assert not spawned_followers(), "follower processes left behind"
@@ -123,3 +123,71 @@ def test_ray_tp3_starts_with_no_cpu_option_on_a_small_machine(model_dir, referen
     assert cpus == max(3, os.cpu_count()), cpus
     assert outs[0].token_ids == reference.mp_tokens[0][:4]
     assert not ray.is_initialized()
+
+
+def rank_actor_processes() -> list:
+    """Ray worker processes running RankActor.start (Ray titles a worker by the method it runs)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if "RankActor.start" in " ".join(p.info["cmdline"] or []):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ray_rank_that_stops_while_starting_is_named_within_the_timeout(model_dir):
+    import tempfile
+
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="qshard-rayhang-")
+    result: dict = {}
+
+    def start():
+        try:
+            LLM(model_dir, tensor_parallel_size=3, executor="ray", dtype="float32", progress=False,
+                dist_timeout_s=TIMEOUT_S, ray_temp_dir=temp_dir, log_to_driver=False).shutdown()
+            result["error"] = None
+        except BaseException as e:  # noqa: BLE001 - the test inspects it
+            result["error"] = e
+        result["at"] = time.monotonic()
+
+    thread = threading.Thread(target=start, daemon=True)
+    thread.start()
+    stopped = None
+    try:
+        deadline = time.monotonic() + 180
+        while stopped is None and time.monotonic() < deadline and thread.is_alive():
+            actors = rank_actor_processes()
+            if actors:
+                stopped = actors[0]
+                stopped.suspend()  # SIGSTOP, as soon as it starts its rank
+                stopped_at = time.monotonic()
+            time.sleep(0.01)
+        assert stopped is not None, f"no actor was seen starting: {result}"
+        thread.join(timeout=TIMEOUT_S + 90)
+        assert not thread.is_alive(), "LLM(...) still starting long after the timeout"
+        error, took = result["error"], result["at"] - stopped_at
+        print(f"\n{type(error).__name__}: {error} ({took:.1f}s after the stop)")
+        assert isinstance(error, WorkerFailure), repr(error)
+        assert len(error.ranks) == 1, error.ranks
+        assert str(error).startswith(f"rank {error.ranks[0]} (pid {stopped.pid} on 127.0.0.1) "), str(error)
+        assert "hung before loading" in str(error) or "made no progress" in str(error), str(error)
+        assert took < TIMEOUT_S + 30
+        assert not wait_gone([stopped.pid], 10), "the stopped actor is still there"
+        assert not ray.is_initialized()
+    finally:
+        if stopped is not None:
+            try:
+                stopped.resume()
+            except Exception:
+                pass
+        from tests.launch.conftest import _cluster_pids
+
+        kill_pid_tree(_cluster_pids(temp_dir))
