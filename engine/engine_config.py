@@ -18,7 +18,9 @@ class EngineConfig:
     max_model_len: int = 4096
     seed: int = 0
     progress: bool = True
-    dist_timeout_s: float = 120.0  # a collective waiting longer than this fails instead of hanging
+    # a collective waiting longer than this fails instead of hanging; a starting rank that makes
+    # no progress (layers read) for this long is reported by number (engine.executor.startup)
+    dist_timeout_s: float = 120.0
     load_format: str = "auto"  # "auto": the checkpoint's safetensors; "dummy": random weights (engine/dummy.py)
     cuda_graphs: bool = True  # replay captured decode steps on CUDA (False: eager, like vLLM's enforce_eager)
     cuda_graph_max_batch: int = 64
