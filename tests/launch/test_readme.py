@@ -34,7 +34,7 @@ from tests.launch.conftest import REPO, _cluster_pids, stop_cluster
 README = REPO / "README.md"
 COMMAND_MARK = "@@readme-command"
 EXIT_MARK = "@@readme-exit"
-SCRIPT_TIMEOUT_S = 900  # ~3 min on a quiet 2-core machine; much more when it is busy
+SCRIPT_TIMEOUT_S = 900  # 2 min on a quiet 2-core machine (quantize: 34 s); 3.5+ min when it is busy
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(SCRIPT_TIMEOUT_S + 120)]  # whichever test runs the fixture
 # What a reader's shell would not have: the suite's own settings (loopback Ray without auth, the
 # Triton interpreter, the checkout on PYTHONPATH) must not help the README's commands.
@@ -284,14 +284,47 @@ def test_every_use_command_exits_0(readme_run):
         result_of(readme_run, i)
 
 
-def test_generate_commands_answer_paris(readme_run):
-    """qshard (mp, ray), torchrun and the Python script: greedy answers about France's capital."""
-    def generates(c):
-        w = words(c)
-        return ("generate" in w and w[0] in ("qshard", "torchrun")) or (w[0] == "python" and w[1] in readme_run.use.scripts)
+def generates(run: Run, command: str) -> bool:
+    w = words(command)
+    return ("generate" in w and w[0] in ("qshard", "torchrun")) or (w[0] == "python" and w[1] in run.use.scripts)
 
-    for i in commands_where(readme_run, generates):
-        assert "Paris" in result_of(readme_run, i), readme_run.use.commands[i]
+
+def on_quantized_model(run: Run, command: str) -> bool:
+    """Whether the command's --model is what a `qshard quantize` of the section wrote."""
+    made = {option(c, "-o") for c in run.use.commands if is_cmd(c, "qshard", "quantize")}
+    return "--model" in words(command) and option(command, "--model") in made
+
+
+def generated(run: Run, i: int) -> str:
+    """The output of generate command i, after checking its summary line where it has one: the TP
+    size and executor asked for, 1 to --max-tokens tokens per prompt."""
+    text, command = result_of(run, i), run.use.commands[i]
+    if is_cmd(command, "python"):
+        return text
+    summary = re.search(r"^tp=(\d+) executor=(\w+) dtype=\S+ tokens=(\d+) ", text, re.M)
+    assert summary, text[-2000:]
+    tp, executor, tokens = int(summary.group(1)), summary.group(2), int(summary.group(3))
+    if is_cmd(command, "torchrun"):
+        assert (tp, executor) == (int(option(command, "--nproc-per-node")), "external")
+    else:
+        assert (tp, executor) == (int(option(command, "--tp")), option(command, "--executor"))
+    prompts = [w for k, w in zip(words(command), words(command)[1:]) if k == "--prompt"]
+    assert all(f"### prompt: {prompt}" in text for prompt in prompts), text[-2000:]
+    assert len(prompts) <= tokens <= len(prompts) * int(option(command, "--max-tokens"))
+    return text
+
+
+def test_float_model_commands_answer_paris(readme_run):
+    """qshard (mp, ray), torchrun and the Python script on the default model: greedy, so the
+    answer about France's capital is Paris."""
+    for i in commands_where(readme_run, lambda c: generates(readme_run, c) and not on_quantized_model(readme_run, c)):
+        assert "Paris" in generated(readme_run, i), readme_run.use.commands[i]
+
+
+def test_quantized_model_generates(readme_run):
+    """The 4-bit copy (a small calibration: its answer may differ from the float model's)."""
+    for i in commands_where(readme_run, lambda c: generates(readme_run, c) and on_quantized_model(readme_run, c)):
+        generated(readme_run, i)
 
 
 def test_quantize_writes_a_gptq_checkpoint(readme_run):
