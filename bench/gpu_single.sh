@@ -7,7 +7,8 @@
 # Results go to OUT (default bench/results/gpu-YYYY-MM-DD/): log.txt (every step's output and tables),
 # kernel-tests.xml, kernels-*.json, graphs/ and eager/throughput.json, decode-floor.json.
 # Settings (environment variables):
-#   STEPS          steps to run, in this order (default "tests kernels engine")
+#   STEPS          steps to run, in this order (default "tests kernels engine"; "decode" adds the decode
+#                  step with and without the fused kernels: DECODE_BATCHES, KERNEL_PATHS, DECODE_QUANTS)
 #   TESTS, JOBS    the tests step's pytest selection (tests/kernels); compile processes and pytest-xdist
 #                  workers (14; xdist is used when installed or its wheels are in build/whl)
 #   MODELS, MAIN_FORMAT, MORE_FORMATS   kernel shapes and formats (llama-2-7b; gptq4; gptq4-act awq4 int8 fp8)
