@@ -1,4 +1,4 @@
-"""The README's Use section, run as written (issue 15, must-show 5).
+"""The README's Use section, run as written.
 
 The section's shell code blocks are parsed out of README.md and every command runs verbatim, in
 order, in one bash (as a reader pastes them: later commands use the `DIR` an earlier one set), in a
