@@ -157,21 +157,30 @@ def graph_breakdown(worker, batch: int, context: int, replays: int = 50, profile
     return out
 
 
-def host_profile(fn, steps: int, top: int = 15) -> list[dict]:
-    """The functions where the host spends a decode step (cProfile over `fn`, which runs `steps`
-    decode steps; the profiler's own cost inflates every figure, so read them as a ranking)."""
+def host_profile(fn, steps: int, baseline=None, top: int = 15) -> list[dict]:
+    """The functions where the host spends a decode step: cProfile over `fn`, which runs `steps`
+    decode steps, less one over `baseline` (the same call without the decode steps: prefill and the
+    call's own setup), per step. The profiler's own cost inflates every figure: read a ranking."""
     import cProfile
     import pstats
 
-    prof = cProfile.Profile()
-    prof.enable()
-    fn()
-    prof.disable()
-    stats = pstats.Stats(prof).stats
-    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]  # by own time
-    return [{"function": f"{path.rsplit('/', 2)[-1] if '/' in path else path}:{line}({name})",
-             "calls_per_step": calls / steps, "own_us_per_step": 1e6 * own / steps, "cum_us_per_step": 1e6 * cum / steps}
-            for (path, line, name), (_, calls, own, cum, _) in rows]
+    def own_times(f) -> dict:
+        prof = cProfile.Profile()
+        prof.enable()
+        f()
+        prof.disable()
+        return {key: (calls, own, cum) for key, (_, calls, own, cum, _) in pstats.Stats(prof).stats.items()}
+
+    with_steps = own_times(fn)
+    base = own_times(baseline) if baseline is not None else {}
+    rows = []
+    for key, (calls, own, cum) in with_steps.items():
+        b_calls, b_own, b_cum = base.get(key, (0, 0.0, 0.0))
+        rows.append((key, (calls - b_calls) / steps, (own - b_own) / steps, (cum - b_cum) / steps))
+    rows.sort(key=lambda r: -r[2])  # by own time
+    return [{"function": f"{path.rsplit('/', 1)[-1]}:{line}({name})", "calls_per_step": calls,
+             "own_us_per_step": 1e6 * own, "cum_us_per_step": 1e6 * cum}
+            for (path, line, name), calls, own, cum in rows[:top]]
 
 
 def floor(worker, batch: int, mean_context: float, bandwidth: float) -> dict:

@@ -139,8 +139,10 @@ def _breakdown(llm, worker, prompts, b: int, elapsed: float, steps: int, input_l
         out["host_gap_ms"] = decode_ms - graph["gpu_step_ms"] - out.get("outside_graph_gpu_ms", 0.0)
         if b == 1:  # where the host's share of a step goes
             steps = 32
-            out["host_profile"] = step_breakdown.host_profile(lambda: llm.generate(prompts, SamplingParams(
-                max_tokens=1 + steps, temperature=0, ignore_eos=True)), steps)
+            out["host_profile"] = step_breakdown.host_profile(
+                lambda: llm.generate(prompts, SamplingParams(max_tokens=1 + steps, temperature=0, ignore_eos=True)),
+                steps, baseline=lambda: llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0,
+                                                                               ignore_eos=True)))
     fl = step_breakdown.floor(worker, b, mean_context, bandwidth)
     out.update(fl)
     out["share_of_floor"] = fl["floor_step_ms"] / decode_ms
