@@ -125,12 +125,13 @@ fi
 # 4. the decode step, before/after the fused non-matmul kernels (engine option kernels): per-kernel
 #    times in graphs (bench/decode_kernels.py), then Llama-2-7B-shaped random weights made in place
 #    (GPTQ-int4 g128 and fp16), in-process (executor uni: the step breakdown needs the worker), both
-#    kernel paths (KERNEL_PATHS, default torch,auto) in the same run. DECODE_BATCHES (1,16,64).
+#    kernel paths (KERNEL_PATHS, default torch,auto) in the same run. DECODE_BATCHES (1,16,64),
+#    DECODE_QUANTS (gptq-w4g128 none), KERNEL_BENCH=0 skips the per-kernel times.
 if want decode; then
   decode_batches=${DECODE_BATCHES:-1,16,64}
   paths=${KERNEL_PATHS:-torch,auto}
   [ "$TINY" = 1 ] && { decode_batches=1,2; paths=${KERNEL_PATHS:-torch,triton}; export TRITON_INTERPRET=1; }
-  [ "$TINY" = 1 ] || tstep 120 $PY bench/decode_kernels.py --shape $shape --batch ${decode_batches//,/ } \
+  [ "$TINY" = 1 ] || [ "${KERNEL_BENCH:-1}" = 0 ] || tstep 120 $PY bench/decode_kernels.py --shape $shape --batch ${decode_batches//,/ } \
     --json "$OUT/decode-kernels.json"
   warm --models $shape --formats gptq4 --dtype fp16 --m 1 2 4 8 16 32 64 128 256 512
   for quant in ${DECODE_QUANTS:-gptq-w4g128 none}; do

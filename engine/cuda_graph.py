@@ -40,6 +40,8 @@ class DecodeGraphs:
         self.staging.copy_(self.inputs)
         self.staged = self.staging.numpy()  # writes through numpy: no torch op per field
         self.copied = torch.cuda.Event()  # the last upload has left the staging buffer
+        # a benchmark sets a list here: each step then appends (upload start, replay end) timing events
+        self.step_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         # Each graph reads its batch's index tensors (rows) by address: they must outlive the capture.
@@ -84,7 +86,14 @@ class DecodeGraphs:
             staged[0:2, n:size] = 0
             staged[2, n:size] = self.scratch_slot
             staged[3, n:size] = 1
+        timing = self.step_events is not None
+        if timing:
+            began, ended = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            began.record()
         self.inputs.copy_(self.staging, non_blocking=True)
         self.copied.record()
         self.graphs[size].replay()
+        if timing:
+            ended.record()
+            self.step_events.append((began, ended))
         return self.logits[size][:n]

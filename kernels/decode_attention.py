@@ -211,10 +211,13 @@ def choose_splits(batch: int, kv_heads: int, max_len: int, sms: int, min_chunk: 
     return max(1, min(-(-sms // pairs), -(-max_len // min_chunk), 64))
 
 
-def block_for(batch: int, kv_heads: int, sms: int) -> int:
-    """Positions per loop step: 32 once the programs fill the GPU (at batch 16 on an H200, 17.2 ->
-    13.4 us a layer: smaller tiles, more programs resident), 64 below (fewer dependent steps)."""
-    return 32 if batch * kv_heads >= sms else 64
+def launch_shape(batch: int, kv_heads: int, sms: int) -> tuple[int, int]:
+    """(positions per loop step, warps) for the rotary-fused launch: once the programs fill the GPU,
+    small programs (32 positions, 2 warps: more of them resident); below, 64 positions and 4 warps
+    (fewer dependent steps). On an H200 at 192 positions, graph-timed (bench/decode_kernels.py):
+    batch 16 14.1 us a layer against 18.3 (64, 4) and 19.0 (32, 4); batch 64 55.1 against 55.6 and
+    59.0; batch 1 (64, 4) best at 5.4 us."""
+    return (32, 2) if batch * kv_heads >= sms else (64, 4)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,

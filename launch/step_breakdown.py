@@ -8,7 +8,9 @@
 - Outside the graph: kernels a real decode step runs besides the replay (input upload, sampling,
   read-back), from profiling the engine loop over N decode steps and over the prefill alone.
 - Host gap: the engine loop's wall time per decode step minus the GPU time in and outside the
-  graph: Python (scheduler, worker, sampler bookkeeping) and synchronisation, the GPU idle.
+  graph: Python (scheduler, worker, sampler bookkeeping) and synchronisation, the GPU idle. Also
+  measured directly: CUDA events around each real step's upload and replay give the GPU's idle
+  time between steps (`loop_gap_ms`), and the host time of one replay() call (`launch_host_us`).
 - The floor: bytes a step must read (every weight once, the KV cache up to the mean context)
   over the device's copy bandwidth.
 """
@@ -181,6 +183,48 @@ def host_profile(fn, steps: int, baseline=None, top: int = 15) -> list[dict]:
     return [{"function": f"{path.rsplit('/', 1)[-1]}:{line}({name})", "calls_per_step": calls,
              "own_us_per_step": 1e6 * own, "cum_us_per_step": 1e6 * cum}
             for (path, line, name), calls, own, cum in rows[:top]]
+
+
+def loop_timeline(worker, fn) -> dict | None:
+    """GPU time of each real decode step (its input upload and replay, CUDA events the graphs record
+    while `fn` runs the engine loop) and the GPU's idle time between one step's end and the next's
+    start: the host gap measured directly, at the loop's own contexts. None without graphs."""
+    graphs = getattr(worker, "graphs", None)
+    if graphs is None:
+        return None
+    graphs.step_events = []
+    try:
+        fn()
+        torch.cuda.synchronize()
+        events = graphs.step_events
+    finally:
+        graphs.step_events = None
+    if len(events) < 3:
+        return None
+    busy = [b.elapsed_time(e) for b, e in events[1:]]
+    idle = [events[i - 1][1].elapsed_time(events[i][0]) for i in range(2, len(events))]
+    busy.sort()
+    idle.sort()
+    return {"loop_steps": len(events), "loop_gpu_step_ms": sum(busy) / len(busy),
+            "loop_gap_ms": sum(idle) / len(idle), "loop_gap_median_ms": idle[len(idle) // 2]}
+
+
+def launch_host_us(worker, batch: int, calls: int = 20) -> float | None:
+    """Host time of one `replay()` call of the batch's graph (the GPU idle meanwhile), median."""
+    import time
+
+    graphs = getattr(worker, "graphs", None)
+    if graphs is None or not graphs.can_run(batch):
+        return None
+    graph = graphs.graphs[next(s for s in sorted(graphs.graphs) if s >= batch)]
+    times = []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        graph.replay()
+        times.append(1e6 * (time.perf_counter() - t))
+    torch.cuda.synchronize()
+    return sorted(times)[calls // 2]
 
 
 def floor(worker, batch: int, mean_context: float, bandwidth: float) -> dict:

@@ -137,6 +137,14 @@ def _breakdown(llm, worker, prompts, b: int, elapsed: float, steps: int, input_l
         except Exception as e:  # a report, never a reason to lose the row
             out["profile_error"] = f"loop profile: {type(e).__name__}: {e}"
         out["host_gap_ms"] = decode_ms - graph["gpu_step_ms"] - out.get("outside_graph_gpu_ms", 0.0)
+        try:
+            timeline = step_breakdown.loop_timeline(worker, lambda: llm.generate(prompts, SamplingParams(
+                max_tokens=33, temperature=0, ignore_eos=True)))
+            if timeline is not None:
+                out.update(timeline)
+            out["launch_host_us"] = step_breakdown.launch_host_us(worker, b)
+        except Exception as e:  # a report, never a reason to lose the row
+            out["timeline_error"] = f"{type(e).__name__}: {e}"
         if b == 1:  # where the host's share of a step goes
             steps = 32
             out["host_profile"] = step_breakdown.host_profile(

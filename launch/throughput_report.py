@@ -60,8 +60,9 @@ def breakdown_table(report: dict) -> list[str]:
                "GPU in the graph = quantized matmul + dense matmul + attention + other kernels + gaps between them; "
                "floor = weights + KV cache at the mean context over the copy bandwidth",
            "| dtype | kernels | batch | decode tok/s | wall | GPU graph | quant mm | dense mm | attention | other "
-           "| in-graph gaps | outside graph | host gap | launches | floor | share of floor | tokens equal |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| in-graph gaps | outside graph | host gap | GPU idle between steps (events) | replay() host us "
+           "| launches | floor | share of floor | tokens equal |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     digests = {}
     for r in report["results"]:
         digests.setdefault((r["dtype"], r["tp"], r["batch"]), set()).add(r["tokens_digest"])
@@ -73,6 +74,7 @@ def breakdown_table(report: dict) -> list[str]:
                                     "host_gap_ms")]
         out.append(f"| {r['dtype']} | {_kernels(r)} | {r['batch']} | {_fmt(b.get('decode_tokens_per_s'), '.1f')} | "
                    + " | ".join(_fmt(c, ".3f") for c in cells)
+                   + f" | {_fmt(b.get('loop_gap_ms'), '.3f')} | {_fmt(b.get('launch_host_us'), '.0f')}"
                    + f" | {_fmt(b.get('launches_per_step'), '.0f')} | {_fmt(b.get('floor_step_ms'), '.3f')} "
                    f"| {_fmt(100 * b['share_of_floor'] if b.get('share_of_floor') else None, '.0f')}% | {same} |")
     for r in rows:

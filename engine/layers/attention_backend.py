@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from engine.batch import ForwardBatch
 from engine.kv_cache import KVCache
 from engine.layers.rotary import RotaryEmbedding
-from kernels.decode_attention import block_for, choose_splits, decode_attention
+from kernels.decode_attention import choose_splits, decode_attention, launch_shape
 from kernels.rotary_kv import rotary_kv
 
 
@@ -141,8 +141,9 @@ class TritonSlotAttention(SlotAttention):
         # (a sequence shorter than one chunk costs no more for it: kernels.decode_attention)
         k_cache = cache.k[shape.layer]
         sequences, sms = batch.decode_slots.shape[0], self._multiprocessors(k_cache.device)
+        block_l, warps = launch_shape(sequences, shape.kv_heads, sms)
         decode_attention(q, k_cache, cache.v[shape.layer], batch.decode_slots, batch.decode_kv_lens, shape.scale,
-                         block_l=block_for(sequences, shape.kv_heads, sms),
+                         block_l=block_l, num_warps=warps,
                          splits=choose_splits(sequences, shape.kv_heads, cache.capacity, sms),
                          tokens=batch.decode_token_index, out=out, rotary=rotary)
 

@@ -75,15 +75,15 @@ def test_choose_splits():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("splits, block_l, warps", [(1, 16, 4), (3, 16, 4), (1, 32, 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_rotary_fused_equals_rotary_kv_then_attention(device, splits, dtype):
+def test_rotary_fused_equals_rotary_kv_then_attention(device, splits, block_l, warps, dtype):
     """rotary=(cos, sin): the kernel rotates the QKV row, stores the new key/value and attends to
     them, as rotary_kv followed by the plain kernel does; the caches end up equal."""
     from engine.layers.rotary import RotaryEmbedding
     from kernels.rotary_kv import rotary_kv
 
-    g = torch.Generator().manual_seed(11 + splits)
+    g = torch.Generator().manual_seed(11 + splits + block_l)
     heads, kv_heads, D, slots, cap = 6, 2, 32, 3, 80
     lengths = torch.tensor([1, 50, 80])  # the new token sits at length - 1 (first position: an empty cache)
     slot_of = torch.tensor([2, 0, 1])
@@ -98,8 +98,8 @@ def test_rotary_fused_equals_rotary_kv_then_attention(device, splits, dtype):
               k_ref, v_ref)
     want = decode_attention(qkv_ref[:, :heads * D].view(3, heads, D), k_ref, v_ref, slot_of.to(**dev),
                             lengths.to(**dev), D ** -0.5, block_l=16, splits=splits, min_chunk=16)
-    got = decode_attention(qkv, k, v, slot_of.to(**dev), lengths.to(**dev), D ** -0.5, block_l=16, splits=splits,
-                           rotary=(rotary.cos, rotary.sin), min_chunk=16)
+    got = decode_attention(qkv, k, v, slot_of.to(**dev), lengths.to(**dev), D ** -0.5, block_l=block_l,
+                           splits=splits, rotary=(rotary.cos, rotary.sin), min_chunk=16, num_warps=warps)
     assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert torch.allclose(got.double(), want.double(), atol=tol, rtol=tol), (got.double() - want.double()).abs().max()
