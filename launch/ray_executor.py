@@ -14,9 +14,9 @@ Start-up:
    joins the NCCL (gloo on CPU) group through it and loads only its own shard.
 
 Start-up waits on progress (engine.executor.startup): each actor reports through that store
-("started", "joined", layers read), and the driver fails only when an actor raises or dies
-(named, with its error) or no waiting rank moved for dist_timeout_s; `startup_timeout_s` bounds
-only the actors' creation and the placement group.
+("started", "joining", "joined", layers read) and joins the group once all have started; the
+driver fails only when an actor raises or dies (named, with its error) or no waiting rank moved
+for dist_timeout_s; `startup_timeout_s` bounds only the actors' creation and the placement group.
 
 A local cluster that the executor starts itself gets max(TP size, cores) logical CPUs, so that
 TP=3 runs on a 2-core machine; `ray_num_cpus=` sets it explicitly.
@@ -49,7 +49,7 @@ from engine.engine_config import EngineConfig
 from engine.executor.base import Executor, WorkerFailure
 from engine.executor.interrupt import InterruptGuard
 from engine.executor.mp import follow_steps, free_port, lead_stats, share_cpu_threads
-from engine.executor.startup import StartupWatch, layers_text, report_key, stage
+from engine.executor.startup import GO_KEY, StartupWatch, layers_text, report_key, stage, wait_for_go
 from engine.step import STOP, StepInput, StepOutput
 from launch.ray_cluster import NO_MULTICAST_ENV, RayClusterError, connect
 
@@ -78,11 +78,13 @@ class RankActor:
             os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices
         if config.device == "cpu":
             share_cpu_threads(local_world_size)
+        store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=config.dist_timeout_s))
+        store.set(report_key(rank), "started")
         from engine.worker import Worker
         from parallel.state import init_process_group
 
-        store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=config.dist_timeout_s))
-        store.set(report_key(rank), "started")
+        wait_for_go(store)
+        store.set(report_key(rank), "joining")
         self.ctx = init_process_group(rank, world_size, None, config.rank_device(local_rank),
                                       config.dist_timeout_s, store)
         store.set(report_key(rank), "joined")
@@ -223,6 +225,8 @@ class RayExecutor(Executor):
                     key = report_key(rank)
                     progress.saw(rank, self.store.get(key).decode() if self.store.check([key]) else None,
                                  (local_pids or {}).get(rank))
+                if not self.store.check([GO_KEY]) and all(progress.text(r) is not None for r in range(len(refs))):
+                    self.store.set(GO_KEY, "1")  # every rank checked in: join the group together
             for ref in ready:
                 rank = refs.index(ref)
                 try:

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from engine.engine_config import EngineConfig
 from engine.executor.base import Executor, WorkerFailure
 from engine.executor.interrupt import InterruptGuard
-from engine.executor.startup import StartupWatch, describe, layers_text, report_key
+from engine.executor.startup import GO_KEY, StartupWatch, describe, layers_text, report_key, wait_for_go
 from engine.executor.stats import STATS, STATS_RESET, gather_stats
 from engine.step import STOP, StepInput, StepOutput
 from engine.worker import Worker
@@ -102,6 +102,8 @@ def _follower_main(config: EngineConfig, rank: int, world_size: int, host: str, 
     store.set(report_key(rank), "started")
     store.set(f"alive/{rank}", "1")
     try:
+        wait_for_go(store)
+        store.set(report_key(rank), "joining")
         ctx = init_process_group(rank, world_size, None, config.rank_device(rank), config.dist_timeout_s, store)
         store.set(report_key(rank), "joined")
         worker = Worker(config, ctx, on_progress=lambda done, total: store.set(report_key(rank),
@@ -183,6 +185,7 @@ class MultiprocExecutor(Executor):
             self._spawn(config, world, host, port)
             share_cpu_threads(world)
             self._wait_for("alive", config.dist_timeout_s)
+            self.store.set(GO_KEY, "1")
             self.ctx = init_process_group(0, world, None, config.rank_device(0), config.dist_timeout_s, self.store)
             self.worker = Worker(config, self.ctx)
             self._wait_for("ready", config.dist_timeout_s)

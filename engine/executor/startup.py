@@ -1,12 +1,14 @@
 """Waiting for ranks to start: on progress, not on a fixed deadline.
 
-A rank reports how far it got (`report_key`: "started", "joined", then "<layers read>/<layers>"
-from engine.load_progress); for a local process the driver also counts its CPU time, so that a
+A rank reports how far it got (`report_key`: "started", "joining", "joined", then
+"<layers read>/<layers>" from engine.load_progress); for a local process the driver also counts its CPU time, so that a
 rank still importing (nothing reported yet) shows it is alive. On a busy machine a start takes
 as long as it takes; the driver gives up only when no waiting rank has moved for `timeout_s`
 (ranks can wait on each other while they join, so one rank's pause alone is not a stall), and
 then names the ones furthest behind: "rank 1 hung before loading (no progress for 20 s)" or
-"rank 2 made no progress for 120 s (last: layer 7 of 30 read)".
+"rank 2 made no progress for 120 s (last: layer 7 of 30 read)". Ranks join the process group
+only after all of them checked in (`wait_for_go`), so the rendezvous' own fixed timeout never
+runs while a slow peer is still starting.
 """
 
 from __future__ import annotations
@@ -14,8 +16,20 @@ from __future__ import annotations
 import time
 
 
+GO_KEY = "start/go"  # set by the driver once every rank checked in: then they all join the group
+
+
 def report_key(rank: int) -> str:
     return f"progress/{rank}"
+
+
+def wait_for_go(store, poll_s: float = 0.05) -> None:
+    """Wait, without a deadline, until the driver says every rank checked in. Joining the process
+    group only then keeps its rendezvous (which has a fixed timeout) from waiting on a rank that
+    is still importing on a busy machine; a driver that dies takes this rank with it (mp: orphan
+    watch; Ray: an actor dies with its owner)."""
+    while not store.check([GO_KEY]):
+        time.sleep(poll_s)
 
 
 def layers_text(done: int, total: int) -> str:
@@ -32,16 +46,19 @@ def cpu_ticks(pid: int) -> int | None:
         return None
 
 
+# what ranks report before their layers, in order ("joining": inside the group's rendezvous)
+STAGES = ("started", "joining", "joined")
+LOADING = len(STAGES) + 1
+
+
 def stage(text: str | None) -> tuple[int, int]:
     """How far a report says the rank got, for naming the ranks furthest behind."""
     if text is None:
         return (0, 0)
-    if text == "started":
-        return (1, 0)
-    if text == "joined":
-        return (2, 0)
+    if text in STAGES:
+        return (STAGES.index(text) + 1, 0)
     done, _, _ = text.partition("/")
-    return (3, int(done)) if done.isdigit() else (1, 0)
+    return (LOADING, int(done)) if done.isdigit() else (1, 0)
 
 
 def describe(text: str | None) -> str:
@@ -50,6 +67,8 @@ def describe(text: str | None) -> str:
         return "nothing reported"
     if text == "started":
         return "started, not yet in the process group"
+    if text == "joining":
+        return "joining the process group"
     if text == "joined":
         return "joined the process group"
     done, _, total = text.partition("/")
@@ -90,7 +109,7 @@ class StartupWatch:
         for r in ranks:
             text, quiet = self.text(r), now - self.since[r]
             name = f"rank {r}" + (f" ({where[r]})" if where and r in where else "")
-            if stage(text)[0] < 3:
+            if stage(text)[0] < LOADING:
                 parts.append(f"{name} hung before loading (no progress for {quiet:.0f} s; last: {describe(text)})")
             else:
                 parts.append(f"{name} made no progress for {quiet:.0f} s (last: {describe(text)})")
