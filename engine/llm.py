@@ -6,7 +6,7 @@ import atexit
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,32 +16,19 @@ from tqdm import tqdm
 from engine.config import ModelConfig, parse_dtype
 from engine.default_model import prepare_default
 from engine.devices import resolve_device
+from engine.engine import LLMEngine
 from engine.engine_config import EngineConfig
 from engine.executor import available as available_executors
 from engine.executor import executor_class, resolve_name
 from engine.prompts import as_prompt_list, check_conversation, check_prompt
+from engine.request_output import RequestOutput
 from engine.sampling import SamplingParams
 from engine.weights import checkpoint_files
 from kernels.errors import InputError
-from engine.scheduler import Scheduler
-from engine.sequence import Sequence as Seq
-from engine.step import StepInput
 from parallel.sharding import check_heads
 from quant import get_loader
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class RequestOutput:
-    prompt: str | None
-    prompt_token_ids: list[int]
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None
-    logprobs: list[dict[int, float]] | None = None
-    prompt_logprobs: list[float] | None = None
-    metrics: dict[str, Any] = field(default_factory=dict)
 
 
 def resolve_model_path(model: str | Path) -> Path:
@@ -136,7 +123,8 @@ class LLM:
         self.tokenizer = load_tokenizer(path)
         self.executor_name = plan.executor
         self.executor = executor_class(self.executor_name)(self.config, **executor_options)
-        self._ids = itertools.count()
+        self.engine = LLMEngine(self.executor, self.tokenizer, self.config, cfg)
+        self._ids = itertools.count()  # request ids of generate() calls
         atexit.register(self.shutdown)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -190,21 +178,23 @@ class LLM:
         for i, p in enumerate(params):
             if not isinstance(p, SamplingParams):
                 raise InputError(f"sampling parameters {i} are a {type(p).__name__}, not SamplingParams")
-        seqs = []
+        requests = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             text, ids = self._tokenize(i, prompt)
             if len(ids) >= self.config.max_model_len:
                 raise InputError(f"prompt {i} has {len(ids)} tokens; max_model_len={self.config.max_model_len} "
                                  f"leaves no room to generate")
-            seqs.append((text, Seq(next(self._ids), ids, p)))
+            requests.append((next(self._ids), text, ids, p))
         start = time.perf_counter()
-        self._run([s for _, s in seqs], use_tqdm)
+        outputs = self._run(requests, use_tqdm)
         elapsed = time.perf_counter() - start
-        self.executor.end_of_call([s.output_token_ids for _, s in seqs])
-        generated = sum(len(s.output_token_ids) for _, s in seqs)
-        logger.info("generated %d tokens for %d prompts in %.2fs (%.1f tokens/s)", generated, len(seqs), elapsed,
+        self.executor.end_of_call([o.token_ids for o in outputs])
+        generated = sum(len(o.token_ids) for o in outputs)
+        logger.info("generated %d tokens for %d prompts in %.2fs (%.1f tokens/s)", generated, len(outputs), elapsed,
                     generated / max(elapsed, 1e-9))
-        return [self._output(text, s, elapsed) for text, s in seqs]
+        for o in outputs:
+            o.metrics["elapsed_s"] = elapsed
+        return outputs
 
     def _follow(self, prompts) -> list[RequestOutput]:
         outputs = []
@@ -214,59 +204,23 @@ class LLM:
                                          ids, None))
         return outputs
 
-    def _output(self, text: str | None, s: Seq, elapsed: float) -> RequestOutput:
-        return RequestOutput(text, s.prompt_token_ids, s.text, s.output_token_ids, s.finish_reason,
-                             s.logprobs if s.params.logprobs is not None else None, s.prompt_logprobs,
-                             {"elapsed_s": elapsed})
-
     # -- the loop -------------------------------------------------------------------------------
 
-    def _run(self, seqs: list[Seq], use_tqdm: bool) -> None:
-        scheduler = Scheduler(self.config.max_num_seqs, self.config.max_num_batched_tokens)
-        for s in seqs:
-            scheduler.add(s)
-        eos = set(self.model_config.eos_token_ids)
-        with tqdm(total=len(seqs), desc="generating", disable=not use_tqdm, unit="req") as bar:
-            while scheduler.has_work():
-                batch = scheduler.schedule()
-                step = StepInput(
-                    seq_ids=[s.seq_id for s in batch], token_ids=[s.next_tokens() for s in batch],
-                    context_lens=[s.num_cached for s in batch], finished=scheduler.take_finished_ids(),
-                    prompt_logprobs=[s.params.prompt_logprobs and s.num_cached == 0 for s in batch],
-                    sampling=[s.params for s in batch])
-                out = self.executor.execute(step)
-                for i, s in enumerate(batch):
-                    s.num_cached += len(step.token_ids[i])
-                    if out.prompt_logprobs and out.prompt_logprobs[i] is not None:
-                        s.prompt_logprobs = out.prompt_logprobs[i]
-                    reason = self._append(s, out.token_ids[i], out.logprobs[i] if out.logprobs else None, eos)
-                    if reason:
-                        scheduler.finish(s, reason)
-                        bar.update(1)
-        # drop the last finished sequences' caches now rather than at the next call
-        finished = scheduler.take_finished_ids()
-        if finished:
-            self.executor.execute(StepInput([], [], [], finished=finished, sampling=[]))
-
-    def _append(self, s: Seq, token: int, logprobs, eos: set[int]) -> str | None:
-        p = s.params
-        s.output_token_ids.append(token)
-        if logprobs is not None:
-            s.logprobs.append(logprobs)
-        stop_token = (token in eos and not p.ignore_eos) or token in p.stop_token_ids
-        if stop_token:
-            s.text = self._decode(s.output_token_ids[:-1])
-            return "stop"
-        if p.stop or len(s.output_token_ids) >= p.max_tokens:
-            s.text = self._decode(s.output_token_ids)
-            for stop in p.stop:
-                cut = s.text.find(stop)
-                if cut >= 0:
-                    s.text = s.text[:cut]
-                    return "stop"
-        if len(s.output_token_ids) >= p.max_tokens:
-            return "length"
-        if s.num_tokens >= self.config.max_model_len:
-            s.text = self._decode(s.output_token_ids)
-            return "length"
-        return None
+    def _run(self, requests: list[tuple[int, str | None, list[int], SamplingParams]],
+             use_tqdm: bool) -> list[RequestOutput]:
+        """Every request through the step engine; the final outputs in the requests' order."""
+        final: dict[int, RequestOutput] = {}
+        try:
+            for request_id, text, ids, p in requests:
+                self.engine.add_request(request_id, ids, p, text)
+            with tqdm(total=len(requests), desc="generating", disable=not use_tqdm, unit="req") as bar:
+                while self.engine.has_unfinished():
+                    for out in self.engine.step():
+                        if out.finished:
+                            final[out.request_id] = out
+                            bar.update(1)
+        finally:  # an interrupted call leaves no request behind for the next one
+            for request_id, *_ in requests:
+                if request_id not in final:
+                    self.engine.abort(request_id)
+        return [final[request_id] for request_id, *_ in requests]

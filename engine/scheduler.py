@@ -42,6 +42,16 @@ class Scheduler:
         self.running.remove(seq)
         self.finished_ids.append(seq.seq_id)
 
+    def abort(self, seq: Sequence) -> None:
+        """Take a sequence out wherever it is; one that ran has a cache slot to drop next step."""
+        if seq.status == Status.WAITING:
+            self.waiting.remove(seq)
+        elif seq.status == Status.RUNNING:
+            self.running.remove(seq)
+            self.finished_ids.append(seq.seq_id)
+        seq.status = Status.FINISHED
+        seq.finish_reason = seq.finish_reason or "abort"
+
     def take_finished_ids(self) -> list[int]:
         ids, self.finished_ids = self.finished_ids, []
         return ids

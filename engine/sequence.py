@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine.sampling import SamplingParams
 
@@ -25,7 +26,7 @@ class Sequence:
     finish_reason: str | None = None
     logprobs: list[dict[int, float]] = field(default_factory=list)
     prompt_logprobs: list[float] | None = None
-    text: str = ""
+    request_id: Any = None  # the caller's name for it (seq_id is the workers')
 
     @property
     def num_tokens(self) -> int:
