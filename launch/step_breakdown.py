@@ -97,18 +97,25 @@ def kernel_ms(fn, exclude: frozenset[str] = frozenset()) -> float | None:
     return sum(e.time_range.elapsed_us() for e in events if e.name not in exclude) / 1e3
 
 
-def graph_breakdown(worker, batch: int, context: int, replays: int = 50, profiled: int = 5) -> dict | None:
-    """GPU time and kernel split of the decode graph that serves `batch` sequences (None without
-    graphs), replayed with every sequence at `context` positions (the run's mean: attention's
-    share grows with it)."""
+def _graph(worker, batch: int):
+    """The captured graph that serves `batch` sequences and its bucket size, or (None, 0)."""
     graphs = getattr(worker, "graphs", None)
     if graphs is None or not graphs.can_run(batch):
-        return None
+        return None, 0
     size = next(s for s in sorted(graphs.graphs) if s >= batch)
-    graph = graphs.graphs[size]
+    return graphs.graphs[size], size
+
+
+def graph_gpu_ms(worker, batch: int, context: int, replays: int = 50) -> float | None:
+    """GPU time of one decode step (the graph serving `batch` sequences replayed back to back, CUDA
+    events), every sequence at `context` positions (the run's mean: attention's share grows with
+    it). None without graphs."""
+    graph, size = _graph(worker, batch)
+    if graph is None:
+        return None
     # the static inputs still hold the run's last step; a real step overwrites all of them again
-    graphs.positions[:size] = context - 1
-    graphs.kv_lens[:size] = context
+    worker.graphs.positions[:size] = context - 1
+    worker.graphs.kv_lens[:size] = context
     for _ in range(3):
         graph.replay()
     torch.cuda.synchronize()
@@ -118,8 +125,15 @@ def graph_breakdown(worker, batch: int, context: int, replays: int = 50, profile
         graph.replay()
     end.record()
     torch.cuda.synchronize()
-    gpu_ms = start.elapsed_time(end) / replays
-    out = {"graph_batch": size, "gpu_step_ms": gpu_ms}
+    return start.elapsed_time(end) / replays
+
+
+def graph_kernels(worker, batch: int, gpu_ms: float, profiled: int = 5) -> dict:
+    """The graph's kernels by kind (ms per step) from one profiler pass over a few replays, the
+    gaps between them inside the graph (gpu_ms less their sum), launches per step, the largest
+    "other" kernels, and the kernels' names (kernel_names)."""
+    graph, _ = _graph(worker, batch)
+    out: dict = {}
     try:
         from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity, profile
@@ -150,9 +164,9 @@ def graph_breakdown(worker, batch: int, context: int, replays: int = 50, profile
         out["kernels_ms"] = sum(times.values()) * per
         out["in_graph_gaps_ms"] = max(0.0, gpu_ms - out["kernels_ms"])
         out["launches_per_step"] = launches / profiled
-        out["kernel_names"] = sorted(names)  # what a replay runs (the caller tells outside work by it)
         top = sorted(others.items(), key=lambda kv: -kv[1])[:8]
         out["top_other_kernels"] = [{"name": n[:90], "ms_per_step": v * per} for n, v in top]
+        out["kernel_names"] = sorted(names)  # what a replay runs (the caller tells outside work by it)
     except Exception as e:  # the breakdown is a report, never a reason to lose the throughput figure
         logger.warning("profiling the decode graph failed: %s", e)
         out["profile_error"] = f"{type(e).__name__}: {e}"
@@ -213,10 +227,9 @@ def launch_host_us(worker, batch: int, calls: int = 20) -> float | None:
     """Host time of one `replay()` call of the batch's graph (the GPU idle meanwhile), median."""
     import time
 
-    graphs = getattr(worker, "graphs", None)
-    if graphs is None or not graphs.can_run(batch):
+    graph, _ = _graph(worker, batch)
+    if graph is None:
         return None
-    graph = graphs.graphs[next(s for s in sorted(graphs.graphs) if s >= batch)]
     times = []
     for _ in range(calls):
         torch.cuda.synchronize()

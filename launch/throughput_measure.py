@@ -88,12 +88,7 @@ def measure_qshard(model_dir: str, *, tp: int, executor: str, dtype: str, device
                       "memory_mib": (s["memory_bytes"] or 0) / MIB,
                       "all_reduce_ms_per_step": reduce[i][0], "all_reduce_calls_per_step": reduce[i][1],
                       "all_gather_ms_per_step": gather[i][0]} for i, s in enumerate(stats)]
-            row_breakdown = None
-            if breakdown:
-                row_breakdown = _breakdown(llm, worker, prompts[:b], b, elapsed, steps, input_len, output_len,
-                                           bandwidth)
-                ex.collect_stats(reset=True)  # the next batch's window starts clean
-            rows.append({"tp": tp, "batch": b, "kernels": kernels, "breakdown": row_breakdown,
+            rows.append({"tp": tp, "batch": b, "kernels": kernels, "breakdown": None,
                          "tokens": tokens, "elapsed_s": elapsed,
                          "tokens_per_s": tokens / elapsed, "steps": steps, "step_ms": 1000 * elapsed / max(steps, 1),
                          "all_reduce_ms_per_step": reduce[0][0] if reduce else 0.0,
@@ -103,58 +98,80 @@ def measure_qshard(model_dir: str, *, tp: int, executor: str, dtype: str, device
                         1000 * elapsed / max(steps, 1))
         if ex.is_follower:
             return None
+        if breakdown:  # after every timed run, and the profilers (which slow launches after them) last
+            for row in rows:
+                row["breakdown"] = _timings(llm, worker, prompts[:row["batch"]], row, input_len, output_len,
+                                            bandwidth)
+            for row in rows:
+                _profiles(llm, worker, prompts[:row["batch"]], row)
         return {"tp": tp, "executor": llm.executor_name, "dtype": str(llm.config.dtype).replace("torch.", ""),
                 "device": llm.config.device, "load_s": load_s,
                 "load_peak_memory_mib": [(s["peak_memory_bytes"] or 0) / MIB for s in load_stats],
                 "rows": rows}
 
 
-def _breakdown(llm, worker, prompts, b: int, elapsed: float, steps: int, input_len: int, output_len: int,
-               bandwidth: float) -> dict:
-    """The decode step of batch b: its wall time (the prefill step timed apart and taken out), the
-    graph's GPU time and kernel split, the host gap between them, and the bandwidth floor."""
+def _timings(llm, worker, prompts, row: dict, input_len: int, output_len: int, bandwidth: float) -> dict:
+    """The decode step of one row, without profilers: its wall time (the prefill step timed apart
+    and taken out), the graph's GPU time, the host gap between them, the GPU's idle time between
+    real steps (CUDA events over a run like the timed one), the host time of one replay() call,
+    and the bandwidth floor."""
     from engine import SamplingParams
     from launch import step_breakdown
 
+    b, steps = row["batch"], row["steps"]
     t = time.perf_counter()
     llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
     prefill_s = time.perf_counter() - t
-    decode_ms = 1000 * (elapsed - prefill_s) / max(steps - 1, 1)
+    decode_ms = 1000 * (row["elapsed_s"] - prefill_s) / max(steps - 1, 1)
     out = {"prefill_s": prefill_s, "decode_step_ms": decode_ms, "decode_tokens_per_s": b / decode_ms * 1e3}
     mean_context = int(input_len + output_len / 2)
-    graph = step_breakdown.graph_breakdown(worker, b, mean_context)
-    if graph is not None:
-        in_graph = frozenset(graph.pop("kernel_names", ()))
-        out.update(graph)
-        n = 8
-        try:  # device work of a real step that is not the replay's: n decode steps less the prefill alone
-            alone = step_breakdown.kernel_ms(lambda: llm.generate(prompts, SamplingParams(
-                max_tokens=1, temperature=0, ignore_eos=True)), exclude=in_graph)
-            with_decode = step_breakdown.kernel_ms(lambda: llm.generate(prompts, SamplingParams(
-                max_tokens=1 + n, temperature=0, ignore_eos=True)), exclude=in_graph)
-            if alone is not None and with_decode is not None and in_graph:
-                out["outside_graph_gpu_ms"] = max(0.0, (with_decode - alone) / n)
-        except Exception as e:  # a report, never a reason to lose the row
-            out["profile_error"] = f"loop profile: {type(e).__name__}: {e}"
-        out["host_gap_ms"] = decode_ms - graph["gpu_step_ms"] - out.get("outside_graph_gpu_ms", 0.0)
-        try:
-            timeline = step_breakdown.loop_timeline(worker, lambda: llm.generate(prompts, SamplingParams(
-                max_tokens=33, temperature=0, ignore_eos=True)))
-            if timeline is not None:
-                out.update(timeline)
-            out["launch_host_us"] = step_breakdown.launch_host_us(worker, b)
-        except Exception as e:  # a report, never a reason to lose the row
-            out["timeline_error"] = f"{type(e).__name__}: {e}"
-        if b == 1:  # where the host's share of a step goes
-            steps = 32
-            out["host_profile"] = step_breakdown.host_profile(
-                lambda: llm.generate(prompts, SamplingParams(max_tokens=1 + steps, temperature=0, ignore_eos=True)),
-                steps, baseline=lambda: llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0,
-                                                                               ignore_eos=True)))
+    try:
+        timeline = step_breakdown.loop_timeline(worker, lambda: llm.generate(prompts, SamplingParams(
+            max_tokens=output_len, temperature=0, ignore_eos=True)))
+        if timeline is not None:
+            out.update(timeline)
+        out["launch_host_us"] = step_breakdown.launch_host_us(worker, b)
+    except Exception as e:  # a report, never a reason to lose the row
+        out["timeline_error"] = f"{type(e).__name__}: {e}"
+    gpu_ms = step_breakdown.graph_gpu_ms(worker, b, mean_context)
+    if gpu_ms is not None:
+        out["gpu_step_ms"] = gpu_ms
+        out["host_gap_ms"] = decode_ms - gpu_ms
     fl = step_breakdown.floor(worker, b, mean_context, bandwidth)
     out.update(fl)
     out["share_of_floor"] = fl["floor_step_ms"] / decode_ms
     return out
+
+
+def _profiles(llm, worker, prompts, row: dict) -> None:
+    """Profiler figures of one row, into its breakdown: the graph's kernels by kind, GPU work of a
+    real step outside the graph (taken out of the host gap), and at batch 1 a host profile."""
+    from engine import SamplingParams
+    from launch import step_breakdown
+
+    out, b = row["breakdown"], row["batch"]
+    if "gpu_step_ms" not in out:
+        return
+    kernels = step_breakdown.graph_kernels(worker, b, out["gpu_step_ms"])
+    in_graph = frozenset(kernels.pop("kernel_names", ()))
+    out.update(kernels)
+    n = 8
+    try:  # device work of a real step that is not the replay's: n decode steps less the prefill alone
+        alone = step_breakdown.kernel_ms(lambda: llm.generate(prompts, SamplingParams(
+            max_tokens=1, temperature=0, ignore_eos=True)), exclude=in_graph)
+        with_decode = step_breakdown.kernel_ms(lambda: llm.generate(prompts, SamplingParams(
+            max_tokens=1 + n, temperature=0, ignore_eos=True)), exclude=in_graph)
+        if alone is not None and with_decode is not None and in_graph:
+            out["outside_graph_gpu_ms"] = max(0.0, (with_decode - alone) / n)
+            out["host_gap_ms"] -= out["outside_graph_gpu_ms"]
+    except Exception as e:  # a report, never a reason to lose the row
+        out["profile_error"] = f"loop profile: {type(e).__name__}: {e}"
+    if b == 1:  # where the host's share of a step goes
+        steps = 32
+        out["host_profile"] = step_breakdown.host_profile(
+            lambda: llm.generate(prompts, SamplingParams(max_tokens=1 + steps, temperature=0, ignore_eos=True)),
+            steps, baseline=lambda: llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0,
+                                                                           ignore_eos=True)))
 
 
 def measure_hf(model_dir: str, *, dtype: str, device: str, batches: list[int], input_len: int, output_len: int,
