@@ -6,6 +6,7 @@ the timeout, with every process cleaned up."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -118,10 +119,13 @@ def test_ray_tp3_starts_with_no_cpu_option_on_a_small_machine(model_dir, referen
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="qshard-raysize-")  # short: Ray's socket paths must fit
-    with LLM(model_dir, tensor_parallel_size=3, executor="ray", dtype="float32", progress=False,
-             ray_temp_dir=temp_dir, log_to_driver=False) as llm:
-        cpus = ray.cluster_resources().get("CPU")
-        outs = llm.generate(PROMPTS[:1], SamplingParams(max_tokens=4, temperature=0))
+    try:
+        with LLM(model_dir, tensor_parallel_size=3, executor="ray", dtype="float32", progress=False,
+                 ray_temp_dir=temp_dir, log_to_driver=False) as llm:
+            cpus = ray.cluster_resources().get("CPU")
+            outs = llm.generate(PROMPTS[:1], SamplingParams(max_tokens=4, temperature=0))
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
     assert cpus == max(3, os.cpu_count()), cpus
     assert outs[0].token_ids == reference.mp_tokens[0][:4]
     assert not ray.is_initialized()
@@ -193,3 +197,4 @@ def test_ray_rank_that_stops_while_starting_is_named_within_the_timeout(model_di
         from tests.launch.conftest import _cluster_pids
 
         kill_pid_tree(_cluster_pids(temp_dir))
+        shutil.rmtree(temp_dir, ignore_errors=True)
