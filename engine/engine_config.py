@@ -26,5 +26,10 @@ class EngineConfig:
     cuda_graph_max_batch: int = 64
     kernels: str = "auto"  # a layer's non-matmul work: "auto" (Triton on CUDA), "torch", "triton" (engine.layers.kernel_choice)
 
+    def __post_init__(self):
+        from engine.layers.kernel_choice import check_kernels
+
+        check_kernels(self.kernels)  # in the driver, before any rank starts
+
     def rank_device(self, local_rank: int) -> torch.device:
         return torch.device(f"cuda:{local_rank}") if self.device == "cuda" else torch.device("cpu")

@@ -15,7 +15,11 @@ from kernels.errors import InputError
 KERNELS = ("auto", "torch", "triton")
 
 
-def use_triton(kernels: str, device: torch.device) -> bool:
+def check_kernels(kernels: str) -> None:
     if kernels not in KERNELS:
         raise InputError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+
+
+def use_triton(kernels: str, device: torch.device) -> bool:
+    check_kernels(kernels)
     return kernels == "triton" or (kernels == "auto" and torch.device(device).type == "cuda")

@@ -71,6 +71,8 @@ def test_auto_is_torch_on_cpu_and_bad_value_refused(checkpoint):
     assert not worker.model.layers[0].input_layernorm.fused
     with pytest.raises(InputError, match="kernels must be one of auto, torch, triton, got 'fast'"):
         _worker(checkpoint, "fast")
+    with pytest.raises(InputError, match="got 'fast'"):  # refused by the driver, before any rank starts
+        LLM(str(checkpoint), kernels="fast", progress=False)
 
 
 @pytest.mark.cuda
