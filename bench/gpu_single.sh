@@ -5,7 +5,8 @@
 # Run it from the repository root on a machine with one CUDA GPU and qshard installed on a CUDA torch
 # (README, "GPUs"):   DEADLINE=1500 bash bench/gpu_single.sh      (all steps: about 10 min)
 # Results go to OUT (default bench/results/gpu-YYYY-MM-DD/): log.txt (every step's output and tables),
-# kernel-tests.xml, kernels-*.json, graphs/ and eager/throughput.json, decode-floor.json.
+# kernel-tests.xml, kernels-*.json, graphs/ and eager/throughput.json, decode-floor.json (the decode
+# step: decode-kernels.json, decode-*/throughput.json).
 # Settings (environment variables):
 #   STEPS          steps to run, in this order (default "tests kernels engine"; "decode" adds the decode
 #                  step with and without the fused kernels: DECODE_BATCHES, KERNEL_PATHS, DECODE_QUANTS)
