@@ -196,5 +196,9 @@ def test_ray_rank_that_stops_while_starting_is_named_within_the_timeout(model_di
                 pass
         from tests.launch.conftest import _cluster_pids
 
+        # A driver still connected when its raylet dies is ended by Ray's core worker (exit code 1):
+        # that would take pytest down with it.
+        if ray.is_initialized():
+            ray.shutdown()
         kill_pid_tree(_cluster_pids(temp_dir))
         shutil.rmtree(temp_dir, ignore_errors=True)
