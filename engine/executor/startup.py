@@ -80,13 +80,20 @@ class StartupWatch:
         now = time.monotonic()
         self.timeout_s = timeout_s
         self.state: dict[int, tuple] = {r: (None, None) for r in ranks}
-        self.since: dict[int, float] = {r: now for r in ranks}
+        self.since: dict[int, float] = {r: now for r in ranks}  # last progress
+        self.busy_since: dict[int, float] = {r: now for r in ranks}  # last CPU time used (local ranks)
 
     def saw(self, rank: int, text: str | None, pid: int | None = None) -> None:
         """Record what `rank` reported (and, for a local process, its CPU time) now."""
-        state = (text, cpu_ticks(pid) if pid else None)
-        if state != self.state[rank]:
-            self.state[rank], self.since[rank] = state, time.monotonic()
+        now, (old_text, old_ticks) = time.monotonic(), self.state[rank]
+        ticks = cpu_ticks(pid) if pid else None
+        if ticks != old_ticks:
+            self.busy_since[rank] = now
+        # CPU time is progress, except for a rank that checked in ("started") and polls until every
+        # other rank did: it uses CPU without moving on.
+        if text != old_text or (ticks != old_ticks and text != "started"):
+            self.since[rank] = now
+        self.state[rank] = (text, ticks)
 
     def text(self, rank: int) -> str | None:
         return self.state[rank][0]
@@ -100,7 +107,10 @@ class StartupWatch:
         if min(now - self.since[r] for r in pending) <= self.timeout_s:
             return []
         behind = min(stage(self.text(r)) for r in pending)
-        return [r for r in sorted(pending) if stage(self.text(r)) == behind]
+        culprits = [r for r in sorted(pending) if stage(self.text(r)) == behind]
+        # of ranks equally far, the ones that used no CPU at all (stopped, not waiting) are to blame
+        idle = [r for r in culprits if self.state[r][1] is not None and now - self.busy_since[r] > self.timeout_s]
+        return idle or culprits
 
     def message(self, ranks, where: dict[int, str] | None = None) -> str:
         """Why `ranks` stalled; `where` adds e.g. "pid 123" after a rank's number."""
