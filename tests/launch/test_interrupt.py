@@ -162,47 +162,20 @@ def test_ray_driver_signal_stops_every_actor_and_its_ray_within_5s(model_dir, tm
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_torchrun_sigint_to_rank0_alone_ends_every_rank_within_5s(model_dir, tmp_path):
-    from tests.launch.test_torchrun import TORCHRUN, _rank_pids
+    from tests.launch.test_torchrun import LongGeneration
 
-    # bench mode: an ignore_eos generation long enough to be interrupted in the middle
-    cmd = TORCHRUN + ["--nproc-per-node", "3", "-m", "launch.torchrun", "--log-level", "INFO", "bench", "throughput",
-                      "--model", str(model_dir), "--dtype", "float32", "--batch", "1", "--input-len", "8",
-                      "--output-len", "3000", "--out", str(tmp_path)]
-    proc = subprocess.Popen(cmd, env=child_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    lines: list[str] = []
-    warm = threading.Event()
-
-    def read():
-        for line in proc.stdout:
-            lines.append(line)
-            if "generated 4 tokens" in line:  # the warm-up call is over: the long one starts
-                warm.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    ranks: dict[int, int] = {}
-    try:
-        assert warm.wait(240), "".join(lines[-40:])
-        ranks = _rank_pids(proc.pid)
-        assert sorted(ranks) == [0, 1, 2], ranks
+    with LongGeneration(model_dir, tmp_path) as run:
         time.sleep(RUNNING_S)
         sent = time.monotonic()
-        os.kill(ranks[0], signal.SIGINT)
+        os.kill(run.ranks[0], signal.SIGINT)
         try:
-            proc.wait(timeout=5)
+            run.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
-            pytest.fail("torchrun still running 5 s after SIGINT to rank 0\n" + "".join(lines[-30:]))
+            pytest.fail("torchrun still running 5 s after SIGINT to rank 0\n" + "".join(run.lines[-30:]))
         ended = time.monotonic() - sent
-        left = wait_gone(ranks.values(), 5)
-        reader.join(timeout=5)
-        text = "".join(lines)
-        print(f"\ntorchrun: SIGINT to rank 0 -> agent exited after {ended:.2f}s (code {proc.returncode})")
+        left = wait_gone(run.ranks.values(), 5)
+        text = run.output()
+        print(f"\ntorchrun: SIGINT to rank 0 -> agent exited after {ended:.2f}s (code {run.proc.returncode})")
         assert not left, f"rank processes still running: {left}"
         assert "rank 0: interrupted" in text, text[-3000:]
         assert "leaked semaphore" not in text
-    finally:
-        if proc.poll() is None:
-            kill_pid_tree([proc.pid])
-        if ranks:
-            kill_pid_tree(ranks.values())

@@ -53,47 +53,69 @@ def _rank_pids(root_pid: int) -> dict[int, int]:
     return out
 
 
+class LongGeneration:
+    """A TP=3 torchrun bench whose measured ignore_eos generation runs long enough to be killed or
+    interrupted in the middle. Use as a context manager: it returns once that generation started
+    (`ranks` then holds the rank pids) and kills whatever is left on the way out."""
+
+    def __init__(self, model_dir, out_dir, warm_timeout_s: float = 240):
+        from tests.launch.conftest import REPO
+
+        cmd = TORCHRUN + ["--nproc-per-node", "3", "-m", "launch.torchrun", "--log-level", "INFO", "bench",
+                          "throughput", "--model", str(model_dir), "--dtype", "float32", "--batch", "1",
+                          "--input-len", "8", "--output-len", "3000", "--out", str(out_dir)]
+        self.cmd, self.cwd, self.warm_timeout_s = cmd, REPO, warm_timeout_s
+        self.lines: list[str] = []
+        self.ranks: dict[int, int] = {}
+        self._warm = threading.Event()
+
+    def __enter__(self) -> "LongGeneration":
+        self.proc = subprocess.Popen(self.cmd, env=child_env(), cwd=self.cwd, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        try:
+            assert self._warm.wait(self.warm_timeout_s), "".join(self.lines[-40:])
+            self.ranks = _rank_pids(self.proc.pid)
+            assert sorted(self.ranks) == [0, 1, 2], self.ranks
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if "generated 4 tokens" in line:  # the warm-up call is over: the long one starts
+                self._warm.set()
+
+    def output(self) -> str:
+        """Everything printed, once the process has ended."""
+        self._reader.join(timeout=5)
+        return "".join(self.lines)
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            kill_pid_tree([self.proc.pid])
+        if self.ranks:
+            kill_pid_tree(self.ranks.values())
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_killed_rank_is_named_within_30s_and_every_rank_exits(model_dir, tmp_path):
-    # bench mode: ignore_eos generation long enough to be killed in the middle
-    cmd = TORCHRUN + ["--nproc-per-node", "3", "-m", "launch.torchrun", "--log-level", "INFO", "bench", "throughput",
-                      "--model", str(model_dir), "--dtype", "float32", "--batch", "1", "--input-len", "8",
-                      "--output-len", "3000", "--out", str(tmp_path)]
-    proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    warm = threading.Event()
+    import os
+    import signal
 
-    def read():
-        for line in proc.stdout:
-            lines.append(line)
-            if "generated 4 tokens" in line:  # the warm-up call is over: the long one starts
-                warm.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    ranks: dict[int, int] = {}
-    try:
-        assert warm.wait(180), "".join(lines[-40:])
-        ranks = _rank_pids(proc.pid)
-        assert sorted(ranks) == [0, 1, 2], ranks
+    with LongGeneration(model_dir, tmp_path, warm_timeout_s=180) as run:
         time.sleep(2)  # some steps into the measured generation
         killed_at = time.monotonic()
-        import os
-        import signal
-
-        os.kill(ranks[1], signal.SIGKILL)
-        proc.wait(timeout=60)
+        os.kill(run.ranks[1], signal.SIGKILL)
+        run.proc.wait(timeout=60)
         ended_at = time.monotonic()
-        reader.join(timeout=5)
-        text = "".join(lines)
-        assert proc.returncode != 0
+        text = run.output()
+        assert run.proc.returncode != 0
         # rank 2 may notice first and stop too; rank 0 then names both, rank 1 among them
         assert re.search(r"rank0 .*WorkerFailure: .*rank 1 \(pid \d+ on \S+ is gone\).* died", text), text[-4000:]
         assert ended_at - killed_at < 30, f"{ended_at - killed_at:.1f}s"
-        assert not wait_gone(ranks.values(), 10), "rank processes still running"
-    finally:
-        if proc.poll() is None:
-            kill_pid_tree([proc.pid])
-        if ranks:
-            kill_pid_tree(ranks.values())
+        assert not wait_gone(run.ranks.values(), 10), "rank processes still running"
