@@ -82,7 +82,7 @@ def test_lru_eviction_of_cached_free_blocks():
     assert bm.counters.evictions == 2
     bm.free(2)
     assert bm.allocate(3, new) == 2
-    assert bm.counters.prefix_hits == 4 and bm.counters.prefix_queries == 15
+    assert bm.counters.prefix_hits == 4 and bm.counters.prefix_queries == 20
     bm.free(3)
     bm.reset_prefix_cache()
     assert bm.num_cached_free == 0 and bm.num_free == 4
