@@ -9,6 +9,12 @@ logit_i / T - log q_i) the softmax's normalisation never has to be computed. A s
 draws its q from its own device generator, always V values a step, so its tokens do not depend
 on which other rows share its batch.
 
+Penalties (repetition, presence, frequency) change the raw logits of the rows that ask for them
+before anything else, greedy rows included, from per-sequence token counts kept on the device
+(PenaltyCounts: one row of a [rows, V] buffer per sequence, updated each step from the driver's
+PenaltyTokens). Logprobs are those of the raw logits, before penalties and temperature (vLLM's
+default).
+
 Only the chosen token ids (and the asked-for logprobs) come back to the host: one copy per step.
 """
 
@@ -18,7 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.sampling import SamplingParams
+from engine.sampling import PenaltyTokens, SamplingParams
+from kernels.errors import QShardError
 
 _NEG_INF = float("-inf")
 
@@ -80,6 +87,97 @@ def allowed_tokens(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
     return torch.zeros(logits.shape, dtype=torch.bool, device=logits.device).scatter_(1, ids, keep)
 
 
+def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, in_prompt: torch.Tensor,
+                    penalties: torch.Tensor) -> torch.Tensor:
+    """Penalised logits [n, V] (float32). counts [n, V]: times each token was generated; in_prompt
+    [n, V] bool; penalties [n, 3]: repetition, frequency, presence of each row. A token of the prompt
+    or the output has its logit divided by the repetition penalty if positive, else multiplied; then
+    frequency x count and presence x (count > 0) are subtracted."""
+    repetition, frequency, presence = penalties[:, 0:1], penalties[:, 1:2], penalties[:, 2:3]
+    generated = counts > 0
+    repeated = torch.where(logits > 0, logits / repetition, logits * repetition)
+    logits = torch.where(generated | in_prompt, repeated, logits)
+    return logits - frequency * counts.to(logits.dtype) - presence * generated.to(logits.dtype)
+
+
+class PenaltyCounts:
+    """Each penalised sequence's token counts on the device: its row of `counts` (output tokens)
+    and `in_prompt` (prompt tokens), both [rows, V]. The driver's PenaltyTokens keep them current;
+    a row is reused once its sequence is forgotten."""
+
+    def __init__(self):
+        self.row_of: dict[int, int] = {}
+        self.counted: dict[int, int] = {}  # output tokens counted so far, by sequence
+        self.free_rows: list[int] = []
+        self.counts: torch.Tensor | None = None  # [rows, V] int32
+        self.in_prompt: torch.Tensor | None = None  # [rows, V] bool
+
+    def forget(self, seq_id: int) -> None:
+        row = self.row_of.pop(seq_id, None)
+        self.counted.pop(seq_id, None)
+        if row is not None:
+            self.free_rows.append(row)
+
+    def update(self, seq_ids: list[int], updates: list[PenaltyTokens | None], vocab: int,
+               device: torch.device) -> torch.Tensor:
+        """Count this step's new tokens; return the sequences' rows [n] on the device."""
+        reset, prompt_at, output_at = [], ([], []), ([], [])
+        for seq_id, u in zip(seq_ids, updates):
+            if u is None:
+                raise QShardError(f"sequence {seq_id} has penalties but its step carries no PenaltyTokens")
+            if u.prompt is not None:
+                if u.start != 0:
+                    raise QShardError(f"sequence {seq_id}: a penalty restart counts the output from 0, "
+                                      f"not from {u.start}")
+                reset.append(self._row(seq_id))
+                prompt_at[0].extend([self.row_of[seq_id]] * len(u.prompt))
+                prompt_at[1].extend(u.prompt)
+                self.counted[seq_id] = 0
+            elif self.counted.get(seq_id) != u.start:
+                raise QShardError(f"sequence {seq_id}: the sampler counted {self.counted.get(seq_id)} output "
+                                  f"tokens but the update starts at {u.start} (a sequence whose counts "
+                                  f"may be gone must resend its prompt)")
+            output_at[0].extend([self.row_of[seq_id]] * len(u.output))
+            output_at[1].extend(u.output)
+            self.counted[seq_id] += len(u.output)
+        self._reserve(len(self.row_of) + len(self.free_rows), vocab, device)
+        rows = [self.row_of[s] for s in seq_ids]
+        sizes = [len(rows), len(reset), len(prompt_at[0]), len(prompt_at[0]), len(output_at[0]), len(output_at[0])]
+        flat = torch.tensor(rows + reset + prompt_at[0] + prompt_at[1] + output_at[0] + output_at[1], dtype=torch.long)
+        if device.type == "cuda":
+            flat = flat.pin_memory()
+        rows_t, reset_t, prompt_rows, prompt_ids, out_rows, out_ids = flat.to(device, non_blocking=True).split(sizes)
+        if reset:
+            self.counts.index_fill_(0, reset_t, 0)
+            self.in_prompt.index_fill_(0, reset_t, False)
+        if prompt_at[0]:
+            self.in_prompt.index_put_((prompt_rows, prompt_ids), torch.ones((), dtype=torch.bool, device=device))
+        if output_at[0]:
+            self.counts.index_put_((out_rows, out_ids), torch.ones((), dtype=torch.int32, device=device),
+                                   accumulate=True)
+        return rows_t
+
+    def _row(self, seq_id: int) -> int:
+        if seq_id not in self.row_of:
+            self.row_of[seq_id] = self.free_rows.pop() if self.free_rows else len(self.row_of) + len(self.free_rows)
+        return self.row_of[seq_id]
+
+    def _reserve(self, rows: int, vocab: int, device: torch.device) -> None:
+        """Room for `rows` rows (doubling, old counts kept)."""
+        have = 0 if self.counts is None else self.counts.shape[0]
+        if self.counts is not None and (self.counts.shape[1] != vocab or self.counts.device != device):
+            raise QShardError(f"penalty counts are for {self.counts.shape[1]} tokens on {self.counts.device}, "
+                              f"the logits have {vocab} on {device}")
+        if rows <= have:
+            return
+        size = max(rows, 2 * have, 8)
+        counts = torch.zeros((size, vocab), dtype=torch.int32, device=device)
+        in_prompt = torch.zeros((size, vocab), dtype=torch.bool, device=device)
+        if have:
+            counts[:have], in_prompt[:have] = self.counts, self.in_prompt
+        self.counts, self.in_prompt = counts, in_prompt
+
+
 class Sampler:
     """Samples every row of a step on the logits' device; seeded requests get their own generator."""
 
@@ -87,27 +185,68 @@ class Sampler:
         self.seed = seed
         self.default_generators: dict[torch.device, torch.Generator] = {}
         self.generators: dict[int, torch.Generator] = {}
+        self.penalty_counts = PenaltyCounts()
         self._rows_key: tuple | None = None  # the last step's row parameters, reused while they repeat
         self._rows: RowParams | None = None
         self._rows_index: torch.Tensor | None = None
+        self._penalty_key: tuple | None = None  # likewise for the penalised rows' parameters
+        self._penalty_params: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def forget(self, seq_id: int) -> None:
         self.generators.pop(seq_id, None)
+        self.penalty_counts.forget(seq_id)
 
-    def sample(self, logits: torch.Tensor, seq_ids: list[int], params: list[SamplingParams]):
-        """logits [B, V] (any device) → (token ids [B], per-sequence logprob dicts or None)."""
+    def sample(self, logits: torch.Tensor, seq_ids: list[int], params: list[SamplingParams],
+               penalties: list[PenaltyTokens | None] | None = None):
+        """logits [B, V] (any device) → (token ids [B], per-sequence logprob dicts or None).
+        penalties: each row's PenaltyTokens (None for rows without penalties; the list may be None
+        when no row has any)."""
+        raw = logits
+        penalized = [i for i, p in enumerate(params) if p.penalized]
+        if penalized:
+            logits = self._penalize(logits.float(), penalized, seq_ids, params, penalties)
         tokens = logits.argmax(dim=-1)  # before any cast: 16-bit to float32 is exact, so the same argmax
         drawing = [i for i, p in enumerate(params) if not p.greedy]
-        if drawing or any(p.logprobs is not None for p in params):
-            logits = logits.float()
+        if any(p.logprobs is not None for p in params):
+            raw = raw.float()
         if drawing:
+            logits = logits.float()
             rows, index = self._row_params(logits, drawing, params)
             sub = logits if index is None else logits.index_select(0, index)
             noise = self._exponentials(sub.shape, logits.device, [seq_ids[i] for i in drawing],
                                        [params[i] for i in drawing])
             drawn = race(sub, rows, noise)
             tokens = drawn if index is None else tokens.index_copy(0, index, drawn)
-        return self._to_host(logits, tokens, params)
+        return self._to_host(raw, tokens, params)
+
+    def _penalize(self, logits: torch.Tensor, penalized: list[int], seq_ids: list[int],
+                  params: list[SamplingParams], penalties: list[PenaltyTokens | None] | None) -> torch.Tensor:
+        """The logits with the penalised rows' penalties applied (a new tensor: the raw logits stay)."""
+        if penalties is None:
+            raise QShardError(f"sequence {seq_ids[penalized[0]]} has penalties but the step carries no "
+                              f"PenaltyTokens")
+        rows = self.penalty_counts.update([seq_ids[i] for i in penalized], [penalties[i] for i in penalized],
+                                          logits.shape[-1], logits.device)
+        values, index = self._penalty_tensors(logits.device, len(params), penalized, params)
+        sub = logits if index is None else logits.index_select(0, index)
+        counts = self.penalty_counts
+        sub = apply_penalties(sub, counts.counts.index_select(0, rows), counts.in_prompt.index_select(0, rows), values)
+        return sub if index is None else logits.index_copy(0, index, sub)
+
+    def _penalty_tensors(self, device: torch.device, batch: int, penalized: list[int], params: list[SamplingParams]):
+        """[n, 3] penalties of the penalised rows and their row index (None: every row), cached."""
+        key = (device, batch, tuple(penalized), tuple((params[i].repetition_penalty, params[i].frequency_penalty,
+                                                       params[i].presence_penalty) for i in penalized))
+        if key != self._penalty_key:
+            values = torch.tensor([list(k) for k in key[3]], dtype=torch.float32)
+            index = torch.tensor(penalized, dtype=torch.long) if len(penalized) < batch else None
+            if device.type == "cuda":
+                values = values.pin_memory()
+                index = index.pin_memory() if index is not None else None
+            values = values.to(device, non_blocking=True)
+            index = index.to(device, non_blocking=True) if index is not None else None
+            self._penalty_key, self._penalty_params = key, (values, index)
+        return self._penalty_params
 
     def _row_params(self, logits: torch.Tensor, drawing: list[int], params: list[SamplingParams]):
         """Per-row tensors of the drawing rows and their row index (None: all rows draw)."""

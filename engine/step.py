@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.sampling import SamplingParams
+from engine.sampling import PenaltyTokens, SamplingParams
 
 STOP = 1  # flag: followers leave their loop
 END_OF_CALL = 2  # flag: the driver's generate() call is over (SPMD followers return)
@@ -26,6 +26,7 @@ class StepInput:
     prompt_logprobs: list[bool] = field(default_factory=list)  # logits for every new token of that sequence
     sampling: list[SamplingParams] | None = None  # rank 0 only
     flags: int = 0
+    penalties: list[PenaltyTokens | None] | None = None  # rank 0 only: penalised sequences' new tokens
 
     def encode(self) -> torch.Tensor:
         n = len(self.seq_ids)

@@ -105,7 +105,7 @@ class Worker:
             logits = self.graphs.run([t[0] for t in step.token_ids], list(step.context_lens), slots)
             if self.ctx.rank != 0:
                 return None
-            tokens, logprobs = self.sampler.sample(logits, step.seq_ids, step.sampling)
+            tokens, logprobs = self.sampler.sample(logits, step.seq_ids, step.sampling, step.penalties)
             return StepOutput(tokens, logprobs)
         batch = ForwardBatch.build(step.token_ids, step.context_lens, slots, self.ctx.device,
                                    all_logits=step.prompt_logprobs)
@@ -114,7 +114,7 @@ class Worker:
         if self.ctx.rank != 0:
             return None
         last = logits[batch.last_logit_row]
-        tokens, logprobs = self.sampler.sample(last, step.seq_ids, step.sampling)
+        tokens, logprobs = self.sampler.sample(last, step.seq_ids, step.sampling, step.penalties)
         return StepOutput(tokens, logprobs, self._prompt_logprobs(logits, batch, step))
 
     def _graph_step(self, step: StepInput) -> bool:
