@@ -17,7 +17,7 @@ import logging
 import torch
 
 from kernels import act_quant, cpu_amx, cpu_int4, cpu_int8
-from kernels.layouts import AWQLayout, FP8Layout, GPTQLayout, Int8Layout
+from kernels.layouts import AWQLayout, FP8Layout, GPTQLayout, Int8Layout, LUT4Layout
 from kernels.prepared import DequantizedWeight, PreparedWeight
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,8 @@ def choose_backend(layout, act_dtype: torch.dtype) -> tuple[str, str]:
         return "triton", "CUDA"
     if device.type != "cpu":
         return "dequant", f"no kernel for {device.type}"
+    if isinstance(layout, LUT4Layout):
+        return "dequant", "no CPU kernel for 4-bit lookup-table codes"
     why_amx = cpu_amx.unsupported_reason(layout, act_dtype)
     if why_amx is None:
         return "cpu-amx", "AMX kernel in bf16"
@@ -68,7 +70,11 @@ def prepare(layout, act_dtype: torch.dtype, backend: str = "auto", keep_layout: 
         backend, why = choose_backend(layout, act_dtype)
         log.debug("%s %dx%d %s -> %s (%s)", type(layout).__name__, layout.out_features, layout.in_features,
                   act_dtype, backend, why)
-    if backend == "triton":
+    if backend == "triton" and isinstance(layout, LUT4Layout):
+        from kernels.lut_matmul import LutTritonWeight  # imports triton: only when used
+
+        prepared = LutTritonWeight(layout, act_dtype)
+    elif backend == "triton":
         from kernels.triton_backend import TritonWeight  # imports triton: only when used
 
         prepared = TritonWeight(layout, act_dtype, **options)

@@ -7,6 +7,12 @@ Dequantization, for each layout (k: input feature, n: output feature):
 - AWQLayout:   the same formula; qweight [K, N] is packed along N in AWQ_ORDER, no g_idx.
 - Int8Layout:  w[n, k] = q[n, k] * s[n]         (int8 codes, per-output-channel scales)
 - FP8Layout:   w[n, k] = float(q[n, k]) * s[n]  (float8_e4m3fn, per-tensor (s is 0-d) or per-channel)
+- LUT4Layout:  w[n, k] = table[c[n, k]] * absmax[n, k // blocksize]  (4-bit lookup-table codes: bnb nf4/fp4)
+- CodebookLayout: blocks along N (each its own codebooks); a block is parts along its internal
+               columns, each w[n, k] = scale[o] * sum_c codebooks[kg, c, codes[o, k // ig, c], r % og, k % ig]
+               (r = n + out_skip, o = r // og, kg = (k + k_offset) // group_cols), then the block's
+               columns are permuted and normalized: W[:, perm[j]] = Wint[:, j] * s[perm[j]] + b[perm[j]]
+               (AQLM: one part, no perm; VPTQ: outlier and main parts, og = vector length, ig = 1).
 Int8Layout / FP8Layout with `dynamic_act` are W8A8: activations are quantized per token to the
 weight's type at run time (kernels.act_quant); the weight formula is unchanged.
 """
@@ -105,6 +111,113 @@ class FP8Layout(_DenseWeight):
             raise ValueError(f"FP8 weight must be a 2-d float8_e4m3fn tensor, got {self.weight.dtype} {list(self.weight.shape)}")
         if self.scales.dim() != 0:
             _check_shape("scales", self.scales, (self.weight.shape[0],))
+
+
+@dataclass
+class CodebookPart:
+    """Internal columns of one codebook block: codes index codebook vectors of og x ig weights."""
+
+    codes: torch.Tensor  # int32 [No, Ki, C], code values in [0, E)
+    codebooks: torch.Tensor  # float [Gk, C, E, og, ig]
+    scales: torch.Tensor | None  # float [No] per out-group; None: 1
+    group_cols: int  # columns per codebook group (kg = (k + k_offset) // group_cols)
+    k_offset: int  # columns of the first codebook group before this part's first column
+    out_skip: int  # decoded rows before the first row (a vector straddling a rank boundary)
+    out_features: int
+    in_features: int
+
+    def __post_init__(self):
+        if self.codes.dtype != torch.int32 or self.codes.dim() != 3:
+            raise ValueError(f"codes must be int32 [No, Ki, C], got {self.codes.dtype} {list(self.codes.shape)}")
+        no, ki, c = self.codes.shape
+        gk, cc, _, og, ig = self.codebooks.shape
+        if cc != c:
+            raise ValueError(f"codes have {c} codebooks, codebooks {cc}")
+        if no * og < self.out_skip + self.out_features or ki * ig != self.in_features:
+            raise ValueError(f"codes {list(self.codes.shape)} with groups {og}x{ig} do not cover "
+                             f"{self.out_features} rows from {self.out_skip} and {self.in_features} columns")
+        if gk * self.group_cols < self.k_offset + self.in_features:
+            raise ValueError(f"{gk} codebook groups of {self.group_cols} columns do not cover "
+                             f"{self.in_features} columns from {self.k_offset}")
+        if self.scales is not None:
+            _check_shape("scales", self.scales, (no,))
+
+
+@dataclass
+class CodebookBlock:
+    """Rows of a codebook layout: parts side by side, then permuted and normalized columns."""
+
+    parts: tuple[CodebookPart, ...]
+    perm: torch.Tensor | None = None  # int64 [K]: internal column j is column perm[j]; None: identity
+    col_scale: torch.Tensor | None = None  # float [K]
+    col_bias: torch.Tensor | None = None  # float [K]
+
+    def __post_init__(self):
+        rows = {p.out_features for p in self.parts}
+        if len(rows) != 1:
+            raise ValueError(f"parts of one block have different row counts {sorted(rows)}")
+        for name in ("perm", "col_scale", "col_bias"):
+            t = getattr(self, name)
+            if t is not None:
+                _check_shape(name, t, (self.in_features,))
+
+    @property
+    def in_features(self) -> int:
+        return sum(p.in_features for p in self.parts)
+
+    @property
+    def out_features(self) -> int:
+        return self.parts[0].out_features
+
+
+@dataclass
+class CodebookLayout:
+    """A codebook-quantized weight (AQLM, VPTQ): blocks stacked along N."""
+
+    blocks: tuple[CodebookBlock, ...]
+
+    def __post_init__(self):
+        cols = {b.in_features for b in self.blocks}
+        if len(cols) != 1:
+            raise ValueError(f"blocks of one layout have different in_features {sorted(cols)}")
+
+    @property
+    def in_features(self) -> int:
+        return self.blocks[0].in_features
+
+    @property
+    def out_features(self) -> int:
+        return sum(b.out_features for b in self.blocks)
+
+    @property
+    def device(self) -> torch.device:
+        return self.blocks[0].parts[0].codes.device
+
+
+@dataclass
+class LUT4Layout:
+    """4-bit codes that index a 16-entry float table, one absmax per block of `blocksize` along K."""
+
+    qweight: torch.Tensor  # uint8 [N, K/2]: byte j of row n holds k = 2j in its high nibble, 2j+1 in its low
+    absmax: torch.Tensor  # float32 [N, K / blocksize]
+    table: torch.Tensor  # float32 [16], the value of each code
+    blocksize: int
+
+    def __post_init__(self):
+        if self.qweight.dtype != torch.uint8 or self.qweight.dim() != 2:
+            raise ValueError(f"LUT4 qweight must be a 2-d uint8 tensor, got {self.qweight.dtype} {list(self.qweight.shape)}")
+        if self.in_features % self.blocksize:
+            raise ValueError(f"K={self.in_features} is not a multiple of blocksize={self.blocksize}")
+        _check_shape("absmax", self.absmax, (self.out_features, self.in_features // self.blocksize))
+        _check_shape("table", self.table, (16,))
+
+    @property
+    def in_features(self) -> int:
+        return 2 * self.qweight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[0]
 
 
 def _check_shape(name: str, t: torch.Tensor, want: tuple[int, ...]) -> None:

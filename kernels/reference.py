@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.layouts import AWQLayout, FP8Layout, GPTQLayout, Int8Layout
+from kernels.layouts import AWQLayout, FP8Layout, GPTQLayout, Int8Layout, LUT4Layout
 from kernels.packing import AWQ_ORDER, unpack_int32
 
 
@@ -36,6 +36,10 @@ def dequantize(layout, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     if isinstance(layout, FP8Layout):
         s = layout.scales.to(dtype)
         return layout.weight.to(dtype) * (s if s.dim() == 0 else s[:, None])
+    if isinstance(layout, LUT4Layout):
+        codes = torch.stack((layout.qweight >> 4, layout.qweight & 15), -1).reshape(layout.out_features, -1).long()
+        absmax = layout.absmax.float().repeat_interleave(layout.blocksize, 1)
+        return (layout.table.float()[codes] * absmax).to(dtype)  # float32 product, as bitsandbytes computes it
     raise TypeError(f"no reference dequantization for {type(layout).__name__}")
 
 
