@@ -148,8 +148,9 @@ class Weights:
     def get_dtype(self, name: str) -> torch.dtype:
         return _DTYPES[self._slice(name).get_dtype()]
 
-    def read(self, name: str, index: tuple[slice, ...] | None = None) -> torch.Tensor:
-        """Read `name` (or the box `index` of it), cast floats to self.dtype, on self.device."""
+    def read(self, name: str, index: tuple[slice, ...] | None = None, raw: bool = False) -> torch.Tensor:
+        """Read `name` (or the box `index` of it), cast floats to self.dtype (raw: stored dtype, for
+        packed codes kept in a float container), on self.device."""
         s = self._slice(name)
         try:
             if not s.get_shape():  # 0-d tensors (per-tensor scales) take no slice
@@ -163,7 +164,7 @@ class Weights:
         if index is not None and t.dim() > 1 and any(i != slice(None) for i in index[1:]):
             touched = t.shape[0] * math.prod(s.get_shape()[1:]) * t.element_size()  # whole rows' pages
         mapped = t  # a view of the file's memory map
-        if t.is_floating_point() and t.dtype not in _KEEP_DTYPES:
+        if not raw and t.is_floating_point() and t.dtype not in _KEEP_DTYPES:
             t = t.to(self.dtype)
         if self.device.type == "cpu" and t.data_ptr() == mapped.data_ptr():
             t = t.clone()  # own memory: a kept tensor must not pin the map (see _release_map)
