@@ -17,7 +17,7 @@ import logging
 import torch
 
 from kernels import act_quant, cpu_amx, cpu_int4, cpu_int8
-from kernels.layouts import AWQLayout, FP8Layout, GPTQLayout, Int8Layout, LUT4Layout
+from kernels.layouts import AWQLayout, CodebookLayout, FP8Layout, GPTQLayout, Int8Layout, LUT4Layout
 from kernels.prepared import DequantizedWeight, PreparedWeight
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,8 @@ BACKENDS = ("auto", "triton", "cpu-amx", "cpu-int4", "cpu-int8", "dequant")
 
 
 def layout_device(layout) -> torch.device:
+    if isinstance(layout, CodebookLayout):
+        return layout.device
     return (layout.weight if isinstance(layout, (Int8Layout, FP8Layout)) else layout.qweight).device
 
 
@@ -36,6 +38,8 @@ def choose_backend(layout, act_dtype: torch.dtype) -> tuple[str, str]:
         return "triton", "CUDA"
     if device.type != "cpu":
         return "dequant", f"no kernel for {device.type}"
+    if isinstance(layout, CodebookLayout):
+        return "dequant", "no CPU codebook kernel"
     if isinstance(layout, LUT4Layout):
         return "dequant", "no CPU kernel for 4-bit lookup-table codes"
     why_amx = cpu_amx.unsupported_reason(layout, act_dtype)
@@ -70,7 +74,11 @@ def prepare(layout, act_dtype: torch.dtype, backend: str = "auto", keep_layout: 
         backend, why = choose_backend(layout, act_dtype)
         log.debug("%s %dx%d %s -> %s (%s)", type(layout).__name__, layout.out_features, layout.in_features,
                   act_dtype, backend, why)
-    if backend == "triton" and isinstance(layout, LUT4Layout):
+    if backend == "triton" and isinstance(layout, CodebookLayout):
+        from kernels.codebook_matmul import CodebookTritonWeight  # imports triton: only when used
+
+        prepared = CodebookTritonWeight(layout, act_dtype, **options)
+    elif backend == "triton" and isinstance(layout, LUT4Layout):
         from kernels.lut_matmul import LutTritonWeight  # imports triton: only when used
 
         prepared = LutTritonWeight(layout, act_dtype)

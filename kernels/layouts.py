@@ -136,6 +136,9 @@ class CodebookPart:
         if no * og < self.out_skip + self.out_features or ki * ig != self.in_features:
             raise ValueError(f"codes {list(self.codes.shape)} with groups {og}x{ig} do not cover "
                              f"{self.out_features} rows from {self.out_skip} and {self.in_features} columns")
+        if self.group_cols % ig or self.k_offset % ig:
+            raise ValueError(f"codebook groups of {self.group_cols} columns from {self.k_offset} split "
+                             f"in-groups of {ig}")
         if gk * self.group_cols < self.k_offset + self.in_features:
             raise ValueError(f"{gk} codebook groups of {self.group_cols} columns do not cover "
                              f"{self.in_features} columns from {self.k_offset}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.layouts import AWQLayout, FP8Layout, GPTQLayout, Int8Layout, LUT4Layout
+from kernels.layouts import AWQLayout, CodebookLayout, FP8Layout, GPTQLayout, Int8Layout, LUT4Layout
 from kernels.packing import AWQ_ORDER, unpack_int32
 
 
@@ -40,6 +40,10 @@ def dequantize(layout, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         codes = torch.stack((layout.qweight >> 4, layout.qweight & 15), -1).reshape(layout.out_features, -1).long()
         absmax = layout.absmax.float().repeat_interleave(layout.blocksize, 1)
         return (layout.table.float()[codes] * absmax).to(dtype)  # float32 product, as bitsandbytes computes it
+    if isinstance(layout, CodebookLayout):
+        from kernels.codebook_matmul import dequantize_codebook  # the codebook decode lives with its kernel
+
+        return dequantize_codebook(layout, dtype)
     raise TypeError(f"no reference dequantization for {type(layout).__name__}")
 
 
