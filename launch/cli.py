@@ -14,6 +14,7 @@ from kernels.errors import QShardError
 COMMANDS = {
     "prepare-default": ("launch.cmd_prepare", "convert the embedded default model (SmolLM2-135M) once"),
     "generate": ("launch.cmd_generate", "generate text from prompts"),
+    "serve": ("launch.cmd_serve", "OpenAI-compatible HTTP server (completions, chat, streaming, /metrics)"),
     "quantize": ("launch.cmd_quantize", "quantize a float checkpoint with GPTQ or RTN (GPTQ / compressed-tensors out)"),
     "write-random": ("launch.cmd_write_random", "write a random-weight checkpoint of a named shape (benchmarks)"),
     "eval-ppl": ("launch.cmd_eval_ppl", "perplexity of models on a text (stride windows, engine prompt logprobs)"),
@@ -21,6 +22,7 @@ COMMANDS = {
 BENCH = {
     "kernels": ("launch.bench_kernels", "quantized matmul kernels vs dense baselines"),
     "throughput": ("launch.bench_throughput", "tokens/s across tensor-parallel sizes and executors, vs HF transformers"),
+    "serve": ("launch.bench_serve", "concurrent streaming clients against a running qshard serve: TTFT, ITL, tokens/s"),
 }
 
 

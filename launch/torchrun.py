@@ -31,6 +31,7 @@ from parallel.state import launched_by_torchrun
 # subcommand -> module with add_arguments(parser) / run(args); `serve` will join here
 COMMANDS = {
     "generate": "launch.cmd_generate",
+    "serve": "launch.cmd_serve",
 }
 BENCH = {
     "throughput": "launch.bench_throughput",

@@ -165,6 +165,24 @@ class ExternalExecutor(Executor):
                 self._count(step)
                 self.worker.execute(step)
 
+    def follow_until_stop(self) -> None:
+        """A server's follower ranks: run rank 0's steps until it shuts the engine down (its
+        calls never end, so END_OF_CALL never comes). Shutdown has nothing left to wait for."""
+        self._check()
+        with self._collective():
+            while True:
+                step = StepInput.decode(broadcast_int64(None, self.ctx))
+                if step.flags & STOP:
+                    break
+                if not step.flags & END_OF_CALL:
+                    self._count(step)
+                    self.worker.execute(step)
+                else:  # a call's results follow its END_OF_CALL
+                    broadcast_int64(None, self.ctx)
+        if self.watch is not None:
+            self.watch.stop()
+        self.worker = None
+
     def collect_stats(self, reset: bool = False) -> list[dict]:
         """SPMD: every rank calls this at the same point of the program; rank 0 gets the list."""
         self._check()
