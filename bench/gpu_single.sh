@@ -8,7 +8,8 @@
 # kernel-tests.xml, kernels-*.json, graphs/ and eager/throughput.json, decode-floor.json (the decode
 # step: decode-kernels.json, decode-*/throughput.json).
 # Settings (environment variables):
-#   STEPS          steps to run, in this order (default "tests kernels engine"; "decode" adds the decode
+#   STEPS          steps to run, in this order (default "tests kernels engine"; "sweep": every tuner candidate
+#                  on SWEEP_LAYERS x SWEEP_M; "decode" adds the decode
 #                  step with and without the fused kernels: DECODE_BATCHES, KERNEL_PATHS, DECODE_QUANTS)
 #   TESTS, JOBS    the tests step's pytest selection (tests/kernels); compile processes and pytest-xdist
 #                  workers (14; xdist is used when installed or its wheels are in build/whl)
@@ -140,5 +141,12 @@ if want decode; then
       --tp 1 --batch $decode_batches $lens --dtype float16 --device $device --hf off --out "$OUT/decode-$quant"
   done
   rm -rf "$OUT"/decode-*/model-* "$OUT"/decode-*/throughput.png "$OUT"/decode-*/throughput.md  # 8 files come back
+fi
+# 5. every tuner candidate timed on the layers and M of SWEEP_LAYERS / SWEEP_M (bf16, SWEEP_FORMATS):
+#    the A/B of kernel variants (e.g. the lop3 unpack against the arithmetic one) from one run
+if want sweep; then
+  warm --models $MODELS --formats ${SWEEP_FORMATS:-gptq4} --m ${SWEEP_M:-1 16}
+  tstep 240 $PY -m launch.cli bench kernels "${kernel_args[@]}" --formats ${SWEEP_FORMATS:-gptq4} \
+    --layers ${SWEEP_LAYERS:-qkv gate_up} --m ${SWEEP_M:-1 16} --sweep --no-dequant-baseline --json "$OUT/kernels-sweep.json"
 fi
 echo "results in $OUT" | tee -a "$log"

@@ -185,6 +185,7 @@ class TritonWeight(PreparedWeight):
                 EVEN=N % cfg.block_n == 0 and K % cfg.block_k == 0,
                 LOW_MAGIC=(not cfg.use_dot and dtype != torch.float32 and scale_mode == "group"
                            and s.weight != "dense"),
+                MAGIC_ASM=bool(cfg.magic_asm and magic_asm_applies(cfg, s, scale_mode, dtype, tk.INTERPRET)),
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return self._specialised[key]
@@ -226,6 +227,15 @@ class TritonWeight(PreparedWeight):
         w = torch.empty_like(w_sorted)
         w[self.perm.long() if self.perm is not None else rows] = w_sorted
         return w.T.contiguous()
+
+
+def magic_asm_applies(cfg: KernelConfig, spec: KernelSpec, scale_mode: str, dtype: torch.dtype,
+                      interpreted: bool) -> bool:
+    """Whether the kernel's lop3/packed-fma 4-bit unpack (triton_kernels, MAGIC_ASM) serves this call:
+    compiled (the interpreter runs no PTX), a 16-bit dot over 4-bit K-packed words peeled code by code,
+    block-wide group scales and zero points in [0, 16)."""
+    return (not interpreted and cfg.use_dot and dtype in (torch.float16, torch.bfloat16) and spec.weight == "kpack"
+            and spec.bits == 4 and not cfg.interleave and scale_mode == "group" and spec.zeros in ("const", "table"))
 
 
 def _by_column_chunks(t: torch.Tensor, fn, words: bool = False, chunk: int = 4096) -> torch.Tensor:

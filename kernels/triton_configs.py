@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -33,6 +33,7 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     interleave: bool = True  # packed-along-K words: unpack whole blocks (True) or one code per word at a time
+    magic_asm: bool = True  # where it applies (triton_backend.magic_asm_applies): the lop3 4-bit unpack
 
 
 def m_bucket(M: int) -> int:
@@ -87,6 +88,9 @@ def candidates(M: int, N: int, K: int, per_word: int, sms: int) -> list[KernelCo
         shapes += [(False, 1, 128, bk, 4, 2, both), (False, 1, 32, 2 * bk, 4, 2, peel),
                    (False, 1, 64, 2 * bk, 4, 2, peel), (True, 16, 64, bk, 4, 3, peel),
                    (False, 1, 128, bk, 8, 3, peel), (False, 1, 256, bk, 8, 2, peel)]
+        if per_word == 8:  # 4-bit: 16-row dot tiles fed by the lop3 unpack (triton_kernels, MAGIC_ASM)
+            shapes += [(True, 16, 128, bk, 4, 3, peel), (True, 16, 32, bk, 4, 4, peel), (True, 16, 64, bk, 4, 5, peel),
+                       (True, 16, 128, bk, 8, 4, peel)]
     elif bm <= 16:
         shapes += [(True, 16, 128, bk, 4, 3, both), (True, 16, 64, bk, 4, 3, both), (True, 16, 32, bk, 4, 4, peel),
                    (True, 16, 128, bk, 8, 4, peel), (True, 16, 64, bk, 4, 5, peel)]
@@ -112,6 +116,8 @@ def candidates(M: int, N: int, K: int, per_word: int, sms: int) -> list[KernelCo
                 cfg = KernelConfig(use_dot, BM, BN, BK, s, warps, stages, interleave)
                 if is_valid(cfg, per_word) and cfg not in out:
                     out.append(cfg)
+    if per_word == 8:  # the same dot tiles without the lop3 unpack, last: the A/B of `bench kernels --sweep`
+        out += [replace(c, magic_asm=False) for c in out if c.use_dot and not c.interleave]
     return out
 
 

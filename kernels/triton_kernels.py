@@ -27,6 +27,14 @@ into 256's mantissa (256 + code, exact for 8-bit codes), accumulates (256 + code
 (256 + zero) * sum(x) off once per block; the cancellation costs ~9 of fp32's 24 bits, far below
 bf16/fp16 output rounding. EVEN (every block full in N and K) drops the bounds masks.
 
+MAGIC_ASM (compiled CUDA, 4-bit K-packed codes peeled code by code into 16-bit dot tiles): one
+`lop3` turns two codes of a word (nibbles j and j + 4, 16 bits apart after one shift) into a pair of
+16-bit floats M + code (fp16 M = 1024, bf16 M = 128: exact), and one packed `fma` takes M + zero
+off both: 1.5 instructions per code where shift, mask, magic-or, float subtraction and a float32 →
+16-bit conversion took ~4 (the 4-bit unpack, not DRAM, bounded the dot path). Triton reaches
+neither instruction through its own ops; the interpreter runs the arithmetic path instead, with the
+same values.
+
 Whether kernels are interpreted is fixed when this module is (re)loaded (TRITON_INTERPRET);
 `kernels.triton_backend` reloads it when that setting has changed.
 """
@@ -116,6 +124,46 @@ def _load(ptrs, mask, other, MASKED: tl.constexpr):
     return tl.load(ptrs)
 
 
+# lop3 LUT 0xEA = (a & b) | c: the nibbles at bits 0-3 and 16-19 OR-ed into the magic's two halves
+_PAIR_ASM_F16 = tl.constexpr("""{
+.reg .b32 t, one;
+lop3.b32 t, $2, 0x000F000F, 0x64006400, 0xEA;
+mov.b32 one, 0x3C003C00;
+fma.rn.f16x2 t, t, one, $3;
+mov.b32 {$0, $1}, t;
+}""")
+_PAIR_ASM_BF16 = tl.constexpr("""{
+.reg .b32 t, one;
+lop3.b32 t, $2, 0x000F000F, 0x43004300, 0xEA;
+mov.b32 one, 0x3F803F80;
+fma.rn.bf16x2 t, t, one, $3;
+mov.b32 {$0, $1}, t;
+}""")
+
+
+@triton.jit
+def _nibble_pair(words, neg_zero, DTYPE: tl.constexpr):
+    """(code_j - z, code_{j+4} - z) as 16-bit floats from words already shifted right by 4 j.
+    neg_zero: int32 holding -(M + z) twice (fp16 M = 1024, bf16 M = 128), broadcastable to words."""
+    neg_zero = tl.broadcast_to(neg_zero, words.shape)
+    if DTYPE == tl.float16:
+        return tl.inline_asm_elementwise(_PAIR_ASM_F16, "=h,=h,r,r", [words, neg_zero],
+                                         dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise(_PAIR_ASM_BF16, "=h,=h,r,r", [words, neg_zero],
+                                         dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
+
+
+@triton.jit
+def _neg_magic_zero(z, DTYPE: tl.constexpr):
+    """int32 zero points (< 16) → the packed pair -(M + z), -(M + z) that `_nibble_pair` adds."""
+    if DTYPE == tl.float16:
+        h = z | 0xE400  # fp16 bits of -(1024 + z)
+    else:
+        h = z | 0xC300  # bf16 bits of -(128 + z)
+    return h | (h << 16)
+
+
 @triton.jit
 def quant_matmul_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, g_ptr, y_ptr, ws_ptr, lock_ptr,
@@ -124,7 +172,7 @@ def quant_matmul_kernel(
     WEIGHT: tl.constexpr, BITS: tl.constexpr, SLICES: tl.constexpr,
     SCALES: tl.constexpr, ZEROS: tl.constexpr, ZERO_POINT: tl.constexpr, GROUP_SIZE: tl.constexpr,
     FLOAT_CODES: tl.constexpr, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr,
-    EVEN: tl.constexpr, LOW_MAGIC: tl.constexpr,
+    EVEN: tl.constexpr, LOW_MAGIC: tl.constexpr, MAGIC_ASM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     SLICE_K: tl.constexpr = BLOCK_K // SLICES
@@ -152,6 +200,8 @@ def quant_matmul_kernel(
     if ZEROS == ZERO_CONST:
         zero_off = MAGIC + ZERO_POINT
         low_zero = LOW_MAGIC_VALUE + ZERO_POINT
+        if MAGIC_ASM:
+            neg_zero = _neg_magic_zero(tl.full((BLOCK_N, 1), 1 << (BITS - 1), tl.int32), x_ptr.dtype.element_ty)
 
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if USE_DOT:
@@ -166,11 +216,26 @@ def quant_matmul_kernel(
                 z = _load(z_ptr + group * stride_z + offs_n, n_ok, 0, MASKED).to(tl.int32)
                 zero_off = _magic_float(z)[:, None]
                 low_zero = (z.to(tl.float32) + LOW_MAGIC_VALUE)[:, None]
+                if MAGIC_ASM:
+                    neg_zero = _neg_magic_zero(z[:, None], x_ptr.dtype.element_ty)
         if WEIGHT == KPACK:
             rows = k0 // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
             words = _load(w_ptr + rows[None, :] * stride_w + offs_n[:, None],
                           n_ok[:, None] & (rows < tl.cdiv(K, PER_WORD))[None, :], 0, MASKED)
-        for j in tl.static_range(SLICES):
+        if MAGIC_ASM:  # 4-bit words, 8 slices: slices j and j + 4 from one lop3 (see module doc)
+            for j in tl.static_range(4):
+                lo, hi = _nibble_pair(words >> (4 * j), neg_zero, x_ptr.dtype.element_ty)
+                ks = k0 + tl.arange(0, SLICE_K) * 8 + j
+                xt_ptrs = x_ptr + offs_m[None, :] * stride_xm + ks[:, None]
+                if EVEN:
+                    x_lo = tl.load(xt_ptrs, mask=m_ok[None, :], other=0.0)
+                    x_hi = tl.load(xt_ptrs + 4, mask=m_ok[None, :], other=0.0)
+                else:
+                    x_lo = tl.load(xt_ptrs, mask=(ks < K)[:, None] & m_ok[None, :], other=0.0)
+                    x_hi = tl.load(xt_ptrs + 4, mask=(ks + 4 < K)[:, None] & m_ok[None, :], other=0.0)
+                part = tl.dot(lo, x_lo, part)
+                part = tl.dot(hi, x_hi, part)
+        for j in tl.static_range(0 if MAGIC_ASM else SLICES):
             ks = k0 + tl.arange(0, SLICE_K) * SLICES + j
             k_ok = ks < K
             # ---- the weight slice, [BLOCK_N, SLICE_K] float32 ----

@@ -28,6 +28,8 @@ from kernels import reference
 MODEL_SHAPES = {
     "llama-2-7b": [("qkv", 4096, 12288), ("o", 4096, 4096), ("gate_up", 4096, 22016), ("down", 11008, 4096)],
     "llama-2-70b": [("qkv", 8192, 10240), ("o", 8192, 8192), ("gate_up", 8192, 57344), ("down", 28672, 8192)],
+    # one rank's shards at tensor-parallel size 4 (qkv/gate_up split along N, o/down along K)
+    "llama-2-70b-tp4": [("qkv", 8192, 2560), ("o", 2048, 8192), ("gate_up", 8192, 14336), ("down", 7168, 8192)],
     "llama-3-8b": [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096)],
     "square-2048": [("square", 2048, 2048)],
 }
@@ -238,10 +240,11 @@ def bench_layer(model, layer, K, N, fmt, ms, act, device, timer, copy_gbs, args)
     dense_f32 = None
     if device.type == "cpu":
         dense_f32 = [d.float() for d in dense_copies]
+    tiny = tinygemm_copies(fmt, K, N, device, act, copies(K * N // 2))
     rows = []
     for M in ms:
         x = torch.randn(M, K, device=device).to(act)
-        it = {"q": 0, "d": 0}
+        it = {"q": 0, "d": 0, "t": 0}
 
         def rotating(items, key):
             i = it[key] = (it[key] + 1) % len(items)
@@ -267,6 +270,12 @@ def bench_layer(model, layer, K, N, fmt, ms, act, device, timer, copy_gbs, args)
             t_f32 = timer(lambda: F.linear(xf, rotating(dense_f32, "d")))
             row["dense_fp32_us"] = t_f32 * 1e6
             row["vs_fp32"] = t_f32 / t_q
+        if tiny is not None and M <= 512:
+            packed, scales_zeros, group = tiny
+            it["t"] = 0
+            t_tiny = timer(lambda: torch._weight_int4pack_mm(x, rotating(packed, "t"), group, scales_zeros))
+            row["tinygemm_us"] = t_tiny * 1e6
+            row["vs_tinygemm"] = t_tiny / t_q
         if prepared.backend == "triton":
             row["config"] = asdict(prepared.choose_config(M, device))
             if args.sweep:
@@ -279,6 +288,24 @@ def bench_layer(model, layer, K, N, fmt, ms, act, device, timer, copy_gbs, args)
         print(f"  {model} {layer} {fmt} M={M}: {row['time_us']:.1f} us ({prepared.backend}), "
               f"{row[f'vs_{short(act)}']:.2f}x {short(act)} F.linear", flush=True)
     return rows
+
+
+def tinygemm_copies(fmt: str, K: int, N: int, device: torch.device, act: torch.dtype, n: int):
+    """torch's tinygemm (`_weight_int4pack_mm`, gpt-fast's and torchao's int4 kernel) on the same shape:
+    (packed weight copies, scales-and-zeros, group size), or None where it does not apply (CUDA, bf16,
+    4-bit groups only). Random codes: only its time is compared."""
+    kind, bits, group, _, _ = FORMATS[fmt]
+    if device.type != "cuda" or act != torch.bfloat16 or kind not in ("gptq", "awq") or bits != 4 or group == -1:
+        return None
+    gen = torch.Generator(device="cpu").manual_seed(K + N)
+    try:
+        packed = [torch._convert_weight_to_int4pack(
+            torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=gen).to(device), 8) for _ in range(n)]
+    except (RuntimeError, TypeError) as exc:  # an older torch wants int32 codes, or no kernel on this GPU
+        print(f"  tinygemm skipped: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+        return None
+    scales_zeros = (torch.rand(K // group, N, 2, generator=gen) / 64).to(torch.bfloat16).to(device)
+    return packed, scales_zeros, group
 
 
 def sweep_configs(quantized: list, x: torch.Tensor, timer, nbytes: int) -> list[dict]:
@@ -343,7 +370,7 @@ def random_layout(fmt: str, K: int, N: int, device: torch.device):
 def print_table(rows: list[dict], device: torch.device) -> None:
     if not rows:
         return
-    ratio_cols = [k for k in rows[0] if k.startswith("vs_")]
+    ratio_cols = list(dict.fromkeys(k for r in rows for k in r if k.startswith("vs_")))
     head = (f"{'model':12s} {'layer':8s} {'K':>6s} {'N':>6s} {'format':10s} {'M':>4s} {'backend':9s} {'us':>9s} "
             f"{'MB':>7s} {'GB/s':>7s} {'%copy':>6s} " + " ".join(f"{c.replace('vs_', 'x') :>10s}" for c in ratio_cols))
     print(head)
@@ -351,7 +378,7 @@ def print_table(rows: list[dict], device: torch.device) -> None:
     for r in rows:
         print(f"{r['model']:12s} {r['layer']:8s} {r['K']:6d} {r['N']:6d} {r['format']:10s} {r['M']:4d} "
               f"{r['backend']:9s} {r['time_us']:9.1f} {r['bytes'] / 1e6:7.2f} {r['gbs']:7.1f} {r['pct_copy']:6.1f} "
-              + " ".join(f"{r[c]:10.2f}" for c in ratio_cols))
+              + " ".join(f"{r.get(c, math.nan):10.2f}" for c in ratio_cols))
     print("x<baseline>: baseline time / quantized time (higher is better); %copy: GB/s over this run's "
           f"{device.type} copy bandwidth")
 

@@ -107,6 +107,34 @@ def test_every_kernel_variant(triton_device, case, use_dot, M, unpack):
     _assert_workspace_clean(x.device)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("M", [1, 5, 16, 33])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", ["gptq4-sym-g128", "gptq4-asym-g128-actorder", "gptq4-asym-g128-actorder-even",
+                                  "awq-g128-repacked"])
+def test_lop3_unpack_matches_reference(case, dtype, M):
+    """The compiled lop3/packed-fma 4-bit unpack (MAGIC_ASM; the interpreter runs no PTX), split and not."""
+    from kernels.triton_backend import magic_asm_applies
+    from kernels.triton_configs import KernelConfig
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    factory, options = CASES[case]
+    gen = _generator("lop3", case, dtype, M)
+    layout = make.to_device(factory(gen), "cuda")
+    prepared = kernels.prepare(layout, dtype, backend="triton", **options)
+    x = torch.randn(M, layout.in_features, generator=gen).to(dtype).cuda()
+    block_k = 128
+    for block_n, split in ((32, 1), (64, 2), (128, 3)):
+        config = KernelConfig(True, 16 if M <= 16 else 32, block_n, block_k, split_k=split, interleave=False)
+        assert magic_asm_applies(config, prepared.spec, prepared._scale_mode(config)[0], dtype, False), config
+        assert_matches_reference(_run(prepared, x, config), x, layout)
+        off = dataclasses.replace(config, magic_asm=False)
+        torch.testing.assert_close(_run(prepared, x, config).float(), _run(prepared, x, off).float(),
+                                   rtol=2e-2, atol=2e-2)
+    _assert_workspace_clean(x.device)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
 @pytest.mark.parametrize("M", [1, 16])
 @pytest.mark.parametrize("case", ["gptq4-asym-g128-actorder", "gptq3-sym-g64", "int8-perchannel", "fp8-pertensor"])
