@@ -66,9 +66,18 @@ def reset_peak_memory(device: torch.device) -> bool:
         return False
 
 
+_RANK_INFO: dict = {}  # figures this rank's process set once (the worker's KV block count)
+
+
+def set_rank_info(**values) -> None:
+    """Figures a rank reports with its statistics from now on (e.g. kv_cache_blocks)."""
+    _RANK_INFO.update(values)
+
+
 def rank_stats(ctx: ParallelContext, weight_bytes_read: int = 0) -> dict:
     timer = collectives.timer()
     return {
+        **_RANK_INFO,
         "rank": ctx.rank,
         "pid": os.getpid(),
         "host": socket.gethostname(),
