@@ -14,11 +14,10 @@ from typing import Any
 from engine.config import ModelConfig
 from engine.engine_config import EngineConfig
 from engine.executor.base import Executor
-from engine.output_processor import OutputProcessor, RequestState
+from engine.output_processor import OutputProcessor, RequestState, completion_sequences
 from engine.request_output import RequestOutput
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
-from engine.sequence import Sequence
 from engine.step import StepInput
 from kernels.errors import InputError
 
@@ -47,16 +46,18 @@ class LLMEngine:
         if len(prompt_token_ids) >= self.max_model_len:
             raise InputError(f"request {request_id!r}: the prompt has {len(prompt_token_ids)} tokens; "
                              f"max_model_len={self.max_model_len} leaves no room to generate")
-        seq = Sequence(next(self._seq_ids), list(prompt_token_ids), params, request_id=request_id)
-        self.requests[request_id] = RequestState(request_id, prompt_text, seq, self.tokenizer)
-        self.scheduler.add(seq)
+        seqs = completion_sequences(request_id, prompt_token_ids, params, self._seq_ids)  # n of them
+        self.requests[request_id] = RequestState(request_id, prompt_text, seqs, self.tokenizer)
+        for seq in seqs:
+            self.scheduler.add(seq)
 
     def abort(self, request_id: Any) -> None:
         """Drop a request: no more outputs for it; its cache slot is freed at the next step.
         An unknown or finished request id is ignored (a client may go away as its request ends)."""
         state = self.requests.pop(request_id, None)
         if state is not None:
-            self.scheduler.abort(state.seq)
+            for seq in state.seqs:
+                self.scheduler.abort(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -72,21 +73,31 @@ class LLMEngine:
             context_lens=[s.num_cached for s in batch], finished=finished,
             prompt_logprobs=[s.params.prompt_logprobs and s.num_cached == 0 for s in batch],
             sampling=[s.params for s in batch])
+        step.penalties = self._penalties(batch, step.token_ids)
         out = self.executor.execute(step)
-        outputs = []
+        advanced: dict[Any, RequestState] = {}  # in step order, each request once (n sequences each)
         for i, seq in enumerate(batch):
             seq.num_cached += len(step.token_ids[i])
             if out.prompt_logprobs and out.prompt_logprobs[i] is not None:
                 seq.prompt_logprobs = out.prompt_logprobs[i]
-            state = self.requests[seq.request_id]
-            reason = self.processor.append(state, out.token_ids[i], out.logprobs[i] if out.logprobs else None)
+            state = advanced[seq.request_id] = self.requests[seq.request_id]
+            reason = self.processor.append(state, out.token_ids[i], out.logprobs[i] if out.logprobs else None, seq)
             if reason:
                 self.scheduler.finish(seq, reason)
-                del self.requests[seq.request_id]
+        outputs = []
+        for request_id, state in advanced.items():
+            if state.finished:
+                del self.requests[request_id]
             outputs.append(state.output())
         if not self.scheduler.has_work():  # idle: free the last finished caches now, not at the next request
             self._drop(self.scheduler.take_finished_ids())
         return outputs
+
+    def _penalties(self, batch: list, token_ids: list[list[int]]):
+        """Rank 0's token counts update for the penalised sequences (None when there are none)."""
+        if not any(s.params.penalized for s in batch):
+            return None
+        return [self.requests[s.request_id].completion(s).penalty_tokens(len(t)) for s, t in zip(batch, token_ids)]
 
     def _drop(self, seq_ids: list[int]) -> None:
         if seq_ids:

@@ -1,14 +1,31 @@
 """The per-row CPU sampler, kept as the reference the device sampler (engine.sampler) is tested against.
 
-One row at a time, in float32 on the CPU: temperature, then top-k, then top-p over what top-k
-kept, then min-p, then `torch.multinomial`. Slow (a host copy and a few kernels per row), exact.
+One row at a time, in float32 on the CPU: penalties on the raw logits (from each sequence's token
+lists, kept here as plain lists and counted token by token), then temperature, top-k, top-p over
+what top-k kept, min-p, then `torch.multinomial`. Slow (a host copy and a few kernels per row), exact.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
-from engine.sampling import SamplingParams
+from engine.sampling import PenaltyTokens, SamplingParams
+
+
+def reference_penalize(logits: torch.Tensor, p: SamplingParams, prompt: list[int], output: list[int]) -> torch.Tensor:
+    """One row's raw logits [V] (float32) with p's penalties applied, token by token: every token of
+    the prompt or output has its logit divided by repetition_penalty when positive, multiplied when
+    not; each generated token then loses frequency_penalty per occurrence and presence_penalty once."""
+    logits = logits.float().clone()
+    one = torch.ones((), dtype=torch.float32)
+    rep, freq, pres = (one * p.repetition_penalty, one * p.frequency_penalty, one * p.presence_penalty)
+    for t in set(prompt) | set(output):
+        logits[t] = logits[t] / rep if logits[t] > 0 else logits[t] * rep
+    for t, count in Counter(output).items():
+        logits[t] = logits[t] - freq * count - pres
+    return logits
 
 
 def reference_filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -40,17 +57,28 @@ class ReferenceSampler:
     def __init__(self, seed: int = 0):
         self.default_generator = torch.Generator().manual_seed(seed)
         self.generators: dict[int, torch.Generator] = {}
+        self.tokens: dict[int, tuple[list[int], list[int]]] = {}  # (prompt, output) of penalised sequences
 
     def forget(self, seq_id: int) -> None:
         self.generators.pop(seq_id, None)
+        self.tokens.pop(seq_id, None)
 
-    def sample(self, logits: torch.Tensor, seq_ids: list[int], params: list[SamplingParams]):
+    def sample(self, logits: torch.Tensor, seq_ids: list[int], params: list[SamplingParams],
+               penalties: list[PenaltyTokens | None] | None = None):
         """logits [B, V] → (token ids [B], per-sequence logprob dicts or None)."""
         logits = logits.float().cpu()
+        raw = logits
+        if any(p.penalized for p in params):
+            logits = logits.clone()
+            for row, (seq_id, p) in enumerate(zip(seq_ids, params)):
+                if p.penalized:
+                    prompt, output = self._tokens(seq_id, penalties[row])
+                    logits[row] = reference_penalize(logits[row], p, prompt, output)
         tokens = logits.argmax(dim=-1)
         for row, (seq_id, p) in enumerate(zip(seq_ids, params)):
             if not p.greedy:
                 tokens[row] = reference_draw(logits[row], p, self._generator(seq_id, p))
+        logits = raw  # logprobs are the raw model's
         logprobs = None
         if any(p.logprobs is not None for p in params):
             lp = torch.log_softmax(logits, dim=-1)
@@ -66,6 +94,14 @@ class ReferenceSampler:
                     entry.update({int(t): float(v) for t, v in zip(top.indices, top.values)})
                 logprobs.append(entry)
         return tokens.tolist(), logprobs
+
+    def _tokens(self, seq_id: int, u: PenaltyTokens) -> tuple[list[int], list[int]]:
+        if u.prompt is not None:
+            self.tokens[seq_id] = (list(u.prompt), [])
+        prompt, output = self.tokens[seq_id]
+        assert u.start == len(output), (seq_id, u.start, len(output))
+        output.extend(u.output)
+        return prompt, output
 
     def _generator(self, seq_id: int, p: SamplingParams) -> torch.Generator:
         if p.seed is None:
