@@ -78,6 +78,9 @@ class ModelConfig:
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{qc_file} is not valid JSON: {e}") from None
             quant.setdefault("quant_method", "gptq")
+        qmap_file = path / "quanto_qmap.json"  # optimum-quanto's save_pretrained keeps its layer map apart
+        if qmap_file.exists() and (quant is None or quant.get("quant_method") == "quanto"):
+            quant = {**(quant or {"quant_method": "quanto"}), "qmap_file": str(qmap_file)}  # quant.quanto reads it
         gen_eos = _generation_eos(path)
         return cls.from_dict(raw, quant, gen_eos, where=str(cfg_path))
 
