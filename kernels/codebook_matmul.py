@@ -68,12 +68,12 @@ def codebook_kernels():
 
 
 class _PreparedPart:
-    """One part's buffers as the kernel reads them (contiguous, codebooks in the activation dtype
-    except fp32, where they stay fp32 and the dot runs in IEEE fp32)."""
+    """One part's buffers as the kernel reads them: contiguous, codebooks in float32 (the decoded
+    tile is rounded once, to the activation dtype, for the dot; fp32 runs the dot in IEEE fp32)."""
 
     def __init__(self, part: CodebookPart, act_dtype: torch.dtype, col_start: int):
         self.codes = part.codes.contiguous()
-        self.books = part.codebooks.to(torch.float32 if act_dtype == torch.float32 else act_dtype).contiguous()
+        self.books = part.codebooks.float().contiguous()  # exact for fp16/bf16 codebooks; rounded once in the dot
         self.scales = None if part.scales is None else part.scales.float().contiguous()
         self.col_start, self.cols = col_start, part.in_features
         self.out_skip, self.group_cols, self.k_offset = part.out_skip, part.group_cols, part.k_offset

@@ -1,0 +1,55 @@
+"""A simple AQLM quantizer (writing path: tests, `random weights`): per-out-group scales, then
+residual k-means, one codebook after another, each fitted on a sample of the residual vectors
+and applied to all of them. Not AQLM's beam search; the format is the same."""
+
+from __future__ import annotations
+
+import torch
+
+from quant.aqlm.packer import AqlmCodes
+
+
+def nearest(vectors: torch.Tensor, centroids: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
+    """Index of the nearest centroid (squared L2) for each vector, in chunks."""
+    c2 = (centroids * centroids).sum(1)
+    out = torch.empty(vectors.shape[0], dtype=torch.int64)
+    for s in range(0, vectors.shape[0], chunk):
+        v = vectors[s: s + chunk]
+        out[s: s + chunk] = (c2[None, :] - 2 * v @ centroids.T).argmin(1)
+    return out
+
+
+def kmeans(vectors: torch.Tensor, k: int, iters: int, gen: torch.Generator, sample: int = 1 << 14) -> torch.Tensor:
+    """k centroids fitted on at most `sample` of the vectors (Lloyd's iterations; empty clusters keep theirs)."""
+    if vectors.shape[0] > sample:
+        vectors = vectors[torch.randperm(vectors.shape[0], generator=gen)[:sample]]
+    centroids = vectors[torch.randint(0, vectors.shape[0], (k,), generator=gen)].clone()
+    for _ in range(iters):
+        assign = nearest(vectors, centroids)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, vectors)
+        counts = torch.bincount(assign, minlength=k)
+        filled = counts > 0
+        centroids[filled] = sums[filled] / counts[filled, None]
+    return centroids
+
+
+def quantize_aqlm(weight: torch.Tensor, num_codebooks: int, nbits: int, in_group_size: int, out_group_size: int,
+                  dtype: torch.dtype = torch.float16, iters: int = 6, seed: int = 0) -> AqlmCodes:
+    """AqlmCodes for a float weight [N, K]; codebooks and scales are fitted as `dtype` will store them."""
+    n, k = weight.shape
+    og, ig = out_group_size, in_group_size
+    if n % og or k % ig:
+        raise ValueError(f"weight {list(weight.shape)} is not whole {og}x{ig} groups")
+    gen = torch.Generator().manual_seed(seed)
+    w = weight.float().reshape(n // og, og, k // ig, ig)
+    scales = w.pow(2).mean((1, 2, 3)).sqrt().clamp(min=1e-8).to(dtype).float()
+    vectors = (w / scales[:, None, None, None]).permute(0, 2, 1, 3).reshape(-1, og * ig)
+    books, codes = [], []
+    residual = vectors
+    for _ in range(num_codebooks):
+        centroids = kmeans(residual, 1 << nbits, iters, gen).to(dtype).float()
+        assign = nearest(residual, centroids)
+        residual = residual - centroids[assign]
+        books.append(centroids.reshape(-1, og, ig))
+        codes.append(assign)
+    return AqlmCodes(torch.stack(codes, 1).reshape(n // og, k // ig, num_codebooks), torch.stack(books), scales)
