@@ -1,8 +1,8 @@
 """Triton backend: a layout converted at load into what `triton_kernels.quant_matmul_kernel` reads.
 
-Decided once here, not per call: act-order rows sorted by group (qweight rows permuted at load,
-x's columns permuted per call by one gather: on an H100 that beat gathering x inside the kernel,
-by 16 µs at M=1 and 5x at M=128, for Llama-2-7B's qkv); zero points unpacked to uint8 [G, N] (or a constant
+Decided once here, not per call: act-order rows sorted by group (qweight rows permuted at load; the
+kernel reads x's columns through the permutation, so groups stay block-wide and no gather launch
+runs per call: the 2026-11-23 H100 run, where a separate gather won, read g_idx per row instead); zero points unpacked to uint8 [G, N] (or a constant
 when symmetric); groups classified as uniform (group = first + k // size), single, or irregular
 (per-row g_idx); AWQ repacked along K so it takes the word-sliced path (`repack_awq=False` keeps
 it packed along N, read by the kernel's AWQ path). The prepared buffers are a complete
@@ -115,9 +115,7 @@ class TritonWeight(PreparedWeight):
     def matmul(self, x: torch.Tensor, config: KernelConfig | None = None,
                out: torch.Tensor | None = None) -> torch.Tensor:
         """x [M, K] → y [M, N]; `config` overrides the tuned choice, `out` (row stride free) receives y."""
-        if self.perm is not None:
-            x = x.index_select(1, self.perm)  # act-order: x's columns in the sorted rows' order
-        elif x.stride(-1) != 1:
+        if x.stride(-1) != 1:
             x = x.contiguous()
         M, N = x.shape[0], self.out_features
         y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
@@ -186,6 +184,7 @@ class TritonWeight(PreparedWeight):
                 LOW_MAGIC=(not cfg.use_dot and dtype != torch.float32 and scale_mode == "group"
                            and s.weight != "dense"),
                 MAGIC_ASM=bool(cfg.magic_asm and magic_asm_applies(cfg, s, scale_mode, dtype, tk.INTERPRET)),
+                PERM=s.has_perm,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return self._specialised[key]
@@ -198,7 +197,8 @@ class TritonWeight(PreparedWeight):
         dummy = self.qweight  # for pointers a specialisation never reads
         zeros = self.zeros if self.zeros is not None else dummy
         triton_kernels().quant_matmul_kernel[(tiles, cfg.split_k)](
-            x, self.qweight, self.scales, zeros, self.g_idx if self.g_idx is not None else dummy, y, ws, locks,
+            x, self.qweight, self.scales, zeros, self.g_idx if self.g_idx is not None else dummy,
+            self.perm if self.perm is not None else dummy, y, ws, locks,
             M, N, K, self.first_group,
             x.stride(0), y.stride(0), self.qweight.stride(0), self.scales.stride(0) if self.scales.dim() == 2 else 0,
             zeros.stride(0) if self.zeros is not None else 0,

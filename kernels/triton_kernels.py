@@ -165,14 +165,22 @@ def _neg_magic_zero(z, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _x_columns(ks, p_ptr, k_ok, PERM: tl.constexpr, MASKED: tl.constexpr):
+    """The columns of x that weight rows ks multiply: ks, or perm[ks] where act-order rows were sorted."""
+    if PERM:
+        return _load(p_ptr + ks, k_ok, 0, MASKED)
+    return ks
+
+
+@triton.jit
 def quant_matmul_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, g_ptr, y_ptr, ws_ptr, lock_ptr,
+    x_ptr, w_ptr, s_ptr, z_ptr, g_ptr, p_ptr, y_ptr, ws_ptr, lock_ptr,
     M, N, K, first_group,
     stride_xm, stride_ym, stride_w, stride_s, stride_z,
     WEIGHT: tl.constexpr, BITS: tl.constexpr, SLICES: tl.constexpr,
     SCALES: tl.constexpr, ZEROS: tl.constexpr, ZERO_POINT: tl.constexpr, GROUP_SIZE: tl.constexpr,
     FLOAT_CODES: tl.constexpr, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr,
-    EVEN: tl.constexpr, LOW_MAGIC: tl.constexpr, MAGIC_ASM: tl.constexpr,
+    EVEN: tl.constexpr, LOW_MAGIC: tl.constexpr, MAGIC_ASM: tl.constexpr, PERM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     SLICE_K: tl.constexpr = BLOCK_K // SLICES
@@ -226,13 +234,16 @@ def quant_matmul_kernel(
             for j in tl.static_range(4):
                 lo, hi = _nibble_pair(words >> (4 * j), neg_zero, x_ptr.dtype.element_ty)
                 ks = k0 + tl.arange(0, SLICE_K) * 8 + j
-                xt_ptrs = x_ptr + offs_m[None, :] * stride_xm + ks[:, None]
+                lo_ok, hi_ok = ks < K, ks + 4 < K
+                x_rows = x_ptr + offs_m[None, :] * stride_xm
+                lo_ptrs = x_rows + _x_columns(ks, p_ptr, lo_ok, PERM, MASKED)[:, None]
+                hi_ptrs = x_rows + _x_columns(ks + 4, p_ptr, hi_ok, PERM, MASKED)[:, None]
                 if EVEN:
-                    x_lo = tl.load(xt_ptrs, mask=m_ok[None, :], other=0.0)
-                    x_hi = tl.load(xt_ptrs + 4, mask=m_ok[None, :], other=0.0)
+                    x_lo = tl.load(lo_ptrs, mask=m_ok[None, :], other=0.0)
+                    x_hi = tl.load(hi_ptrs, mask=m_ok[None, :], other=0.0)
                 else:
-                    x_lo = tl.load(xt_ptrs, mask=(ks < K)[:, None] & m_ok[None, :], other=0.0)
-                    x_hi = tl.load(xt_ptrs + 4, mask=(ks + 4 < K)[:, None] & m_ok[None, :], other=0.0)
+                    x_lo = tl.load(lo_ptrs, mask=lo_ok[:, None] & m_ok[None, :], other=0.0)
+                    x_hi = tl.load(hi_ptrs, mask=hi_ok[:, None] & m_ok[None, :], other=0.0)
                 part = tl.dot(lo, x_lo, part)
                 part = tl.dot(hi, x_hi, part)
         for j in tl.static_range(0 if MAGIC_ASM else SLICES):
@@ -280,8 +291,9 @@ def quant_matmul_kernel(
                 else:
                     w = _magic_float(codes) - zero_off
             # ---- the activation slice, rows ks ----
+            xk = _x_columns(ks, p_ptr, k_ok, PERM, MASKED)
             if USE_DOT:
-                xt_ptrs = x_ptr + offs_m[None, :] * stride_xm + ks[:, None]
+                xt_ptrs = x_ptr + offs_m[None, :] * stride_xm + xk[:, None]
                 if EVEN:
                     xt = tl.load(xt_ptrs, mask=m_ok[None, :], other=0.0)
                 else:
@@ -291,7 +303,7 @@ def quant_matmul_kernel(
                 else:
                     part = tl.dot(w.to(x_ptr.dtype.element_ty), xt, part)
             else:
-                xv = _load(x_ptr + pid_m * stride_xm + ks, k_ok, 0.0, MASKED).to(tl.float32)
+                xv = _load(x_ptr + pid_m * stride_xm + xk, k_ok, 0.0, MASKED).to(tl.float32)
                 part += w * xv[None, :]
                 if LOW_MAGIC:
                     x_sum += xv
