@@ -103,9 +103,9 @@ class CountingWeights(Weights):
         super().__init__(*args, **kwargs)
         self.read_by_name: dict[str, int] = {}
 
-    def read(self, name, index=None):
+    def read(self, name, index=None, **kwargs):
         before = self.bytes_read
-        t = super().read(name, index)
+        t = super().read(name, index, **kwargs)
         self.read_by_name[name] = self.read_by_name.get(name, 0) + self.bytes_read - before
         return t
 
