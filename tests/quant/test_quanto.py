@@ -1,0 +1,128 @@
+"""optimum-quanto checkpoints made by optimum-quanto (it quantizes on CPU), read per rank.
+
+Each rank's weight at TP 1-4 (column and row layouts, fused gate_up) equals the slice of quanto's own
+`dequantize()` of the whole weight, bit for bit: qint2 / qint4 (quanto's float shift, and uint8 zero
+points), qint8, qfloat8; group sizes 128 (K 768, whose TP=4 row shard starts inside a group), 96
+(K 576) and per-channel (K 96). Bad input: a corrupt or unsupported quanto_qmap.json, a missing scale.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from engine.weights import Weights
+from parallel.sharding import column_shard, row_shard
+from quant.base import QuantConfigError
+from quant.quanto.loader import QuantoLoader
+from tests.quant.checkpoints import expected_slice
+
+quanto = pytest.importorskip("optimum.quanto")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+N = 96
+QTYPES = {"qint2": "qint2", "qint4": "qint4", "qint8": "qint8", "qfloat8": "qfloat8_e4m3fn"}
+
+
+def quanto_layer(prefix: str, w: torch.Tensor, qtype: str, zero_point: bool = False):
+    """(tensors as QuantizedModelForCausalLM saves them, qmap entry name, quanto's dequantization)."""
+    from optimum.quanto import freeze, quantize, quantization_map
+
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    lin.weight.data = w.clone()
+    holder = torch.nn.ModuleDict({prefix: lin})
+    quantize(holder, weights=getattr(quanto, qtype))
+    freeze(holder)
+    if zero_point:  # integer zero points: quanto's affine optimizer with zeropoint=True
+        from optimum.quanto.tensor.optimizers import MaxOptimizer
+        from optimum.quanto.tensor.weights import quantize_weight
+
+        qlin = holder[prefix]
+        scale, shift = MaxOptimizer()(w, qtype=qlin.weight_qtype, axis=0, group_size=qlin.weight_group_size,
+                                      zeropoint=True)
+        qt = quantize_weight(w, qtype=qlin.weight_qtype, axis=0, scale=scale, shift=shift,
+                             group_size=qlin.weight_group_size, optimized=False)
+        qlin.weight = torch.nn.Parameter(qt, requires_grad=False)
+    state = {k: v.contiguous() for k, v in holder.state_dict().items()}
+    return state, quantization_map(holder)[prefix]["weights"], holder[prefix].weight.dequantize().float()
+
+
+def save(tmp_path, tensors: dict, qmap: dict):
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    (tmp_path / "quanto_qmap.json").write_text(json.dumps(qmap))
+    return Weights(tmp_path), QuantoLoader.from_config({"quant_method": "quanto",
+                                                         "qmap_file": str(tmp_path / "quanto_qmap.json")})
+
+
+def shards(prefix, n, k, tp):
+    for rank in range(tp):
+        yield column_shard([(prefix, n)], k, rank, tp)
+        yield row_shard(prefix, k, n, rank, tp)
+
+
+@pytest.mark.parametrize("qtype,zero_point,k,layout", [
+    ("qint4", False, 768, "DenseLinear"), ("qint4", True, 768, "GPTQLayout"), ("qint4", True, 576, "GPTQLayout"),
+    ("qint4", True, 96, "GPTQLayout"), ("qint2", False, 576, "DenseLinear"), ("qint2", True, 768, "GPTQLayout"),
+    ("qint8", False, 768, "Int8Layout"), ("qfloat8", False, 576, "FP8Layout"),
+])
+def test_rank_slices_equal_quanto_dequantization(tmp_path, qtype, zero_point, k, layout):
+    gen = torch.Generator().manual_seed(k)
+    tensors, name, full = quanto_layer("layer", torch.randn(N, k, generator=gen) * 0.05, qtype, zero_point)
+    assert name == QTYPES[qtype]
+    weights, loader = save(tmp_path, tensors, {"layer": {"weights": name, "activations": "none"}})
+    for tp in (1, 2, 3, 4):
+        for shard in shards("layer", N, k, tp):
+            lin = loader.load_linear(weights, shard)
+            assert getattr(lin, "layout_name", type(lin).__name__) == layout
+            assert torch.equal(lin.dequantize(), expected_slice({"layer": full}, shard)), (tp, shard)
+
+
+def test_fused_gate_up_and_matmul(tmp_path):
+    gen = torch.Generator().manual_seed(5)
+    tensors, full, qmap = {}, {}, {}
+    for prefix in ("gate", "up"):
+        t, name, full[prefix] = quanto_layer(prefix, torch.randn(N, 768, generator=gen) * 0.05, "qint4", True)
+        tensors.update(t)
+        qmap[prefix] = {"weights": name, "activations": "none"}
+    weights, loader = save(tmp_path, tensors, qmap)
+    x = torch.randn(3, 768, generator=gen)
+    for tp in (1, 3):
+        for rank in range(tp):
+            shard = column_shard([("gate", N), ("up", N)], 768, rank, tp)
+            lin = loader.load_linear(weights, shard)
+            want = expected_slice(full, shard)
+            assert torch.equal(lin.dequantize(), want)
+            assert torch.allclose(lin(x), x @ want.T, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("qmap_text,match", [
+    ('{"layer": {"weights": "qint4", ', r"quanto_qmap\.json is not valid JSON"),
+    ('["layer"]', r"holds a JSON list"),
+    ('{"layer": "qint4"}', r"entry 'layer' = 'qint4' must be an object with a \"weights\" field"),
+    ('{"layer": {"weights": "qint3", "activations": "none"}}', r"layer layer has weights='qint3'; supported: qint2"),
+    ('{"layer": {"weights": "qint8", "activations": "qint8"}}', r"layer layer has activations='qint8'"),
+])
+def test_bad_qmap(tmp_path, qmap_text, match):
+    path = tmp_path / "quanto_qmap.json"
+    path.write_text(qmap_text)
+    with pytest.raises(QuantConfigError, match=match):
+        QuantoLoader.from_config({"quant_method": "quanto", "qmap_file": str(path)})
+
+
+def test_missing_tensor_and_unmapped_layer(tmp_path):
+    tensors, name, _ = quanto_layer("layer", torch.randn(N, 768) * 0.05, "qint4")
+    del tensors["layer.weight._scale"]
+    weights, loader = save(tmp_path, tensors, {"layer": {"weights": name, "activations": "none"}})
+    with pytest.raises(QuantConfigError, match=r"tensor layer\.weight\._scale is missing .*qint4"):
+        loader.load_linear(weights, column_shard([("layer", N)], 768, 0, 1))
+    weights, loader = save(tmp_path, tensors, {"other": {"weights": name, "activations": "none"}})
+    with pytest.raises(QuantConfigError, match=r"layer layer is stored quantized .* has no \"weights\" entry"):
+        loader.load_linear(weights, column_shard([("layer", N)], 768, 0, 1))
+    with pytest.raises(QuantConfigError, match=r"activations='int8'"):
+        QuantoLoader.from_config({"quant_method": "quanto", "weights": "int4", "activations": "int8"})
+    with pytest.raises(QuantConfigError, match=r"weights='int3' is not supported"):
+        QuantoLoader.from_config({"quant_method": "quanto", "weights": "int3"})
