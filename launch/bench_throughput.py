@@ -97,6 +97,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eager", action="store_true",
                    help="CUDA: no graph replay (every all-reduce is then timed; replayed steps are not)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-prompts", type=int, default=None,
+                   help="instead: P mixed-length prompts (bench serve's) through one offline generate (bench_offline)")
     p.add_argument("--config-timeout", type=float, default=3600, help="seconds allowed per measurement")
     p.add_argument("--measure", metavar="JSON", help=argparse.SUPPRESS)  # one configuration, in-process
     p.add_argument("--measure-hf", metavar="JSON", help=argparse.SUPPRESS)
@@ -294,6 +296,10 @@ def _spmd(args) -> int:
 
 def run(args) -> int:
     check_arguments(args)
+    if args.num_prompts is not None:
+        from launch.bench_offline import run as run_offline
+
+        return run_offline(args)
     if args.measure_hf:
         return _measure_hf_cmd(args)
     if args.measure:

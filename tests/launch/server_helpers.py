@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -12,9 +13,24 @@ from pathlib import Path
 
 import httpx
 
-from tests.launch.conftest import BIN, REPO, child_env, free_port, kill_pid_tree, wait_gone
+from tests.launch.conftest import BIN, PROMPTS, REPO, child_env, free_port, kill_pid_tree, wait_gone
 
 API_KEY = "test-key-7"
+MAX_TOKENS = 12
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@functools.lru_cache(maxsize=None)
+def llm_reference(model_dir: Path) -> tuple[list[str], str, list[dict], int]:
+    """LLM.generate(PROMPTS) and LLM.chat(CHAT) greedy texts in process (TP=1, float32), once per
+    test session: (texts, chat text, CHAT, MAX_TOKENS)."""
+    from engine import LLM, SamplingParams
+
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
+    with LLM(model_dir, dtype="float32", progress=False) as llm:
+        texts = [o.text for o in llm.generate(PROMPTS, params)]
+        chat = llm.chat(CHAT, params)[0].text
+    return texts, chat, CHAT, MAX_TOKENS
 
 
 @dataclass
