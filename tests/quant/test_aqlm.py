@@ -192,3 +192,28 @@ def test_unsupported_codebook_shape(tmp_path):
 def test_config_field_types():
     with pytest.raises(QuantConfigError, match="in_group_size=0"):
         get_loader({"quant_method": "aqlm", "in_group_size": 0})
+
+
+# -- the default model in AQLM 2x8 with 2x2 code cells (4 bits per weight), end to end ------------
+
+
+@pytest.fixture(scope="module")
+def default_model_run(default_model_dir, tmp_path_factory):
+    import zlib
+
+    from quant.aqlm.quantize import quantize_aqlm
+    from tests.quant.codebook_e2e import run_format
+
+    def quantize(prefix, w):
+        return quantize_aqlm(w, 2, 8, 2, 2, iters=3, seed=zlib.crc32(prefix.encode()))
+
+    return run_format(default_model_dir, tmp_path_factory.mktemp("aqlm") / "ckpt", AqlmPacker(2, 8, 2, 2), quantize)
+
+
+@pytest.mark.slow
+def test_default_model_tp3_equals_tp1_and_matches_transformers(default_model_run):
+    from tests.quant.codebook_e2e import check_run
+
+    r = default_model_run
+    assert r.config == config(2, 8, 2, 2) and r.layers == 210
+    check_run("aqlm 2x8 og2 ig2", r)

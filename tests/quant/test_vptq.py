@@ -302,3 +302,43 @@ def test_layer_without_config_and_bad_fields(tmp_path):
     with pytest.raises(QuantConfigError, match="num_centroids asks for 131072 centroids"):
         get_loader({"quant_method": "vptq", "config_for_layers": {PREFIX: dict(CONFIGS["plain-1group"],
                                                                                num_centroids=[-1, 1 << 17])}})
+
+
+# -- the default model in VPTQ (4 bits per weight: vectors of 4, 256 centroids + 256 residual), end to end
+
+
+def default_model_layer(prefix: str, in_features: int) -> VptqLayer:
+    """Column-parallel layers (q/k/v/gate/up, K 576): 64 outlier columns, perm, norm, 2 groups of 256.
+    Row-parallel layers (o_proj K 576, down_proj K 1536): no perm (a row split needs the rank's
+    columns together), norm, 2 groups that straddle the TP=3 ranks' column ranges."""
+    column = not prefix.endswith(("o_proj", "down_proj"))
+    fields = dict(vector_lens=[4 if column else -1, 4], num_centroids=[256 if column else -1, 256],
+                  num_res_centroids=[-1, 256], group_num=2, group_size=(in_features - 64) // 2 if column else
+                  in_features // 2, outlier_size=64 if column else 0, enable_norm=True, enable_perm=column,
+                  is_indice_packed=True, indices_as_float=False)
+    return VptqLayer.parse(prefix, fields)
+
+
+@pytest.fixture(scope="module")
+def default_model_run(default_model_dir, tmp_path_factory):
+    import zlib
+
+    from quant.vptq.quantize import quantize_vptq
+    from tests.quant.codebook_e2e import run_format
+
+    def quantize(prefix, w):
+        return quantize_vptq(w, default_model_layer(prefix, w.shape[1]), iters=3, seed=zlib.crc32(prefix.encode()))
+
+    return run_format(default_model_dir, tmp_path_factory.mktemp("vptq") / "ckpt", VptqPacker(), quantize)
+
+
+@pytest.mark.slow
+def test_default_model_tp3_equals_tp1_and_matches_transformers(default_model_run):
+    from tests.quant.codebook_e2e import check_run
+
+    r = default_model_run
+    layers = r.config["config_for_layers"]
+    assert r.layers == len(layers) == 210
+    assert sum(cfg["enable_perm"] for cfg in layers.values()) == 150 and sum(
+        cfg["outlier_size"] > 0 for cfg in layers.values()) == 150
+    check_run("vptq", r)
