@@ -287,8 +287,9 @@ GENERATE_PARAMS = [SamplingParams(max_tokens=12, seed=21, top_k=30, ignore_eos=T
 
 
 def generate_at(path, tp: int) -> list[list[int]]:
+    # gloo ranks on the CPU, also where a GPU is visible (one GPU cannot hold TP=3 ranks)
     with LLM(str(path), tensor_parallel_size=tp, executor="mp" if tp > 1 else "uni", dtype="float32",
-             progress=False) as llm:
+             device="cpu", progress=False) as llm:
         return [list(o.token_ids) for o in llm.generate(GENERATE_PROMPTS, GENERATE_PARAMS)]
 
 
@@ -309,7 +310,8 @@ def test_prompt_logprobs_at_tp3_equal_transformers(tiny_llama):
 
     prompts = [PROMPT, [9, 8, 7, 6], [100, 200, 31]]
     params = [SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=want) for want in (True, False, True)]
-    with LLM(str(tiny_llama), tensor_parallel_size=3, executor="mp", dtype="float32", progress=False) as llm:
+    with LLM(str(tiny_llama), tensor_parallel_size=3, executor="mp", dtype="float32", device="cpu",
+             progress=False) as llm:
         outs = llm.generate(prompts, params)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     assert outs[1].prompt_logprobs is None
