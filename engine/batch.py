@@ -1,8 +1,13 @@
 """What one forward step computes: the new tokens of several sequences, flattened.
 
 Sequence i contributes query_lens[i] consecutive tokens at positions context_lens[i] onward; its
-keys and values live in cache slot slots[i]. Decode sequences (one new token) are attended to
-together; sequences with several new tokens (prefill) one at a time.
+keys and values live in the paged cache's blocks listed by its block table (position p in block
+table[p // block_size] at offset p % block_size). Decode sequences (one new token) are attended
+to together; sequences with several new tokens (prefill, or a chunk of one) one at a time.
+
+The tensors that depend on the cache's block size are made once per step, by the first layer
+that attends (`bind`); a caller driving the model directly may give slot numbers instead of
+block tables, which then read fixed blocks (engine.kv_cache.KVCache.reserve).
 """
 
 from __future__ import annotations
@@ -16,22 +21,27 @@ import torch
 class ForwardBatch:
     token_ids: torch.Tensor  # [T] long
     positions: torch.Tensor  # [T] long
-    token_slots: torch.Tensor  # [T] long: cache slot of each token
-    slots: list[int]
     query_lens: list[int]
     context_lens: list[int]
     logits_index: torch.Tensor | None  # tokens whose logits are computed (last of each, or all); None: every token
     last_logit_row: torch.Tensor  # [B] long: row of each sequence's last token in those logits
     logit_rows: list[slice]  # rows of each sequence's tokens in those logits
-    # decode sequences, attended to as one batch
     decode_seq_index: list[int]
     decode_token_index: torch.Tensor  # [Bd] long
-    decode_slots: torch.Tensor  # [Bd] long
-    decode_kv_lens: torch.Tensor  # [Bd] long, after this step
-    decode_mask: torch.Tensor | None  # [Bd, 1, 1, L] bool, None when every length is equal
-    decode_slot_range: tuple[int, int] | None  # (first, count) when the slots are consecutive
     prefill_seq_index: list[int]
     token_starts: list[int]
+    block_tables: list[list[int]] | None  # host tables (None: slot numbers in `slots`, or bound already)
+    slots: list[int] | None = None
+    device: torch.device | None = None
+    # -- made by bind(cache) --------------------------------------------------------------------
+    block_size: int = 0
+    token_blocks: torch.Tensor | None = None  # [T] long: block of each new token's position
+    token_offsets: torch.Tensor | None = None  # [T] long: its offset in the block
+    tables: torch.Tensor | None = None  # [B, W] int32, rows padded with block 0
+    decode_tables: torch.Tensor | None = None  # [Bd, W'] int32
+    decode_kv_lens: torch.Tensor | None = None  # [Bd] int32, after this step
+    decode_width: int = 0  # blocks covering the longest decode sequence (host; 0 when unknown)
+    decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, decode_width * block_size] bool (CPU path)
 
     @property
     def num_tokens(self) -> int:
@@ -41,9 +51,15 @@ class ForwardBatch:
     def all_decode(self) -> bool:
         return not self.prefill_seq_index
 
+    @property
+    def bound(self) -> bool:
+        return self.token_blocks is not None
+
     @classmethod
-    def build(cls, token_ids: list[list[int]], context_lens: list[int], slots: list[int],
+    def build(cls, token_ids: list[list[int]], context_lens: list[int], block_tables: list[list[int]] | list[int],
               device: torch.device, all_logits: list[bool] | None = None) -> "ForwardBatch":
+        """block_tables: each sequence's blocks (at least those its positions up to this step's
+        last reach), or slot numbers (ints) for the cache's fixed tables."""
         query_lens = [len(t) for t in token_ids]
         starts, total = [], 0
         for n in query_lens:
@@ -51,47 +67,67 @@ class ForwardBatch:
             total += n
         flat = [t for seq in token_ids for t in seq]
         positions = [c + j for c, n in zip(context_lens, query_lens) for j in range(n)]
-        token_slots = [s for s, n in zip(slots, query_lens) for _ in range(n)]
-        # Decode sequences in slot order: their cache slots then form one strided view.
-        decode = sorted((i for i, n in enumerate(query_lens) if n == 1), key=lambda i: slots[i])
+        decode = [i for i, n in enumerate(query_lens) if n == 1]
         prefill = [i for i, n in enumerate(query_lens) if n != 1]
-        kv_lens = [context_lens[i] + 1 for i in decode]
-        mask = None
-        if decode and min(kv_lens) != max(kv_lens):
-            lens = torch.tensor(kv_lens)
-            mask = (torch.arange(max(kv_lens))[None, :] < lens[:, None])[:, None, None, :].to(device)
-        dslots = [slots[i] for i in decode]
-        slot_range = None
-        if dslots and dslots == list(range(dslots[0], dslots[0] + len(dslots))):
-            slot_range = (dslots[0], len(dslots))
         logits_index, logit_rows, last_rows = [], [], []
         for i, (s, n) in enumerate(zip(starts, query_lens)):
             first = len(logits_index)
             logits_index.extend(range(s, s + n) if all_logits and all_logits[i] else [s + n - 1])
             logit_rows.append(slice(first, len(logits_index)))
             last_rows.append(len(logits_index) - 1)
+        slots = None
+        tables = [list(t) for t in block_tables] if block_tables and not isinstance(block_tables[0], int) else None
+        if tables is None:
+            slots, tables = list(block_tables), None
         long = dict(dtype=torch.long, device=device)
         return cls(
             token_ids=torch.tensor(flat, **long), positions=torch.tensor(positions, **long),
-            token_slots=torch.tensor(token_slots, **long), slots=list(slots), query_lens=query_lens,
-            context_lens=list(context_lens),
+            query_lens=query_lens, context_lens=list(context_lens),
             logits_index=torch.tensor(logits_index, **long), last_logit_row=torch.tensor(last_rows, **long),
-            logit_rows=logit_rows,
-            decode_seq_index=decode, decode_token_index=torch.tensor([starts[i] for i in decode], **long),
-            decode_slots=torch.tensor(dslots, **long), decode_kv_lens=torch.tensor(kv_lens, **long),
-            decode_mask=mask, decode_slot_range=slot_range, prefill_seq_index=prefill, token_starts=starts,
+            logit_rows=logit_rows, decode_seq_index=decode,
+            decode_token_index=torch.tensor([starts[i] for i in decode], **long),
+            prefill_seq_index=prefill, token_starts=starts, block_tables=tables, slots=slots, device=device,
         )
 
+    def bind(self, cache) -> "ForwardBatch":
+        """Make the block-size-dependent tensors for `cache` (once; later calls return at once)."""
+        if self.bound:
+            return self
+        tables = self.block_tables if self.block_tables is not None else cache.slot_tables(self.slots)
+        bs, device = cache.block_size, self.device
+        blocks, offsets = [], []
+        for table, c, n in zip(tables, self.context_lens, self.query_lens):
+            for p in range(c, c + n):
+                blocks.append(table[p // bs])
+                offsets.append(p % bs)
+        width = max((len(t) for t in tables), default=0)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        long = dict(dtype=torch.long, device=device)
+        self.block_size = bs
+        self.token_blocks, self.token_offsets = torch.tensor(blocks, **long), torch.tensor(offsets, **long)
+        self.tables = torch.tensor(padded, dtype=torch.int32, device=device).view(len(tables), width)
+        kv_lens = [self.context_lens[i] + 1 for i in self.decode_seq_index]
+        self.decode_width = -(-max(kv_lens, default=0) // bs)
+        index = torch.tensor(self.decode_seq_index, **long)
+        self.decode_tables = self.tables.index_select(0, index)[:, :self.decode_width]
+        self.decode_kv_lens = torch.tensor(kv_lens, dtype=torch.int32, device=device)
+        if kv_lens and any(n != self.decode_width * bs for n in kv_lens):
+            span = torch.arange(self.decode_width * bs)
+            self.decode_mask = (span[None, :] < torch.tensor(kv_lens)[:, None])[:, None, None, :].to(device)
+        return self
+
     @classmethod
-    def decode_view(cls, token_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                    kv_lens: torch.Tensor) -> "ForwardBatch":
+    def decode_view(cls, token_ids: torch.Tensor, positions: torch.Tensor, token_blocks: torch.Tensor,
+                    token_offsets: torch.Tensor, tables: torch.Tensor, kv_lens: torch.Tensor,
+                    block_size: int) -> "ForwardBatch":
         """A decode-only batch over caller-owned tensors (the static buffers of a CUDA graph).
         Only the tensor fields are read on the GPU decode path."""
         n = token_ids.numel()
         rows = torch.arange(n, dtype=torch.long, device=token_ids.device)
         return cls(
-            token_ids=token_ids, positions=positions, token_slots=slots, slots=[], query_lens=[1] * n,
-            context_lens=[1] * n, logits_index=None, last_logit_row=rows, logit_rows=[slice(i, i + 1) for i in range(n)],
-            decode_seq_index=list(range(n)), decode_token_index=rows, decode_slots=slots, decode_kv_lens=kv_lens,
-            decode_mask=None, decode_slot_range=None, prefill_seq_index=[], token_starts=list(range(n)),
+            token_ids=token_ids, positions=positions, query_lens=[1] * n, context_lens=[1] * n, logits_index=None,
+            last_logit_row=rows, logit_rows=[slice(i, i + 1) for i in range(n)], decode_seq_index=list(range(n)),
+            decode_token_index=rows, prefill_seq_index=[], token_starts=list(range(n)), block_tables=None,
+            device=token_ids.device, block_size=block_size, token_blocks=token_blocks, token_offsets=token_offsets,
+            tables=tables, decode_tables=tables, decode_kv_lens=kv_lens,
         )

@@ -1,13 +1,15 @@
 """CUDA graphs of the decode step, one per batch-size bucket.
 
 A decode step of a few-billion-parameter model launches hundreds of small kernels; replaying a
-captured graph removes their launch gaps. Graphs read static buffers (token ids, positions,
-cache slots, lengths), so the KV cache must not move after capture: the worker allocates it whole
-first. Rows that pad a batch up to its bucket write into a scratch cache slot nobody reads.
+captured graph removes their launch gaps. Graphs read static buffers (token ids, positions, each
+new token's block and offset, lengths, and a block-table buffer of max_batch x max_blocks), so the
+paged KV cache never moves: it is allocated once, before capture. Rows that pad a batch up to its
+bucket write into the cache's scratch block, which no sequence's table lists.
 
-A step's inputs go up in one copy: they are written into a pinned host buffer laid out like the
-device buffers (token ids, positions, slots, lengths: four rows of max_batch), which is then
-copied whole (2 KB at 64) ahead of the replay, with no tensor made per step.
+A step's inputs go up in two copies: they are written into pinned host buffers laid out like
+the device buffers (token ids, positions, blocks, offsets: four int64 rows of max_batch; lengths
+and tables: int32), which are copied whole ahead of the replay, with no tensor made per step.
+Only each sequence's table prefix is written: the kernel reads no entry past a sequence's length.
 """
 
 from __future__ import annotations
@@ -28,17 +30,26 @@ def buckets(max_batch: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model: torch.nn.Module, cache: KVCache, max_batch: int, scratch_slot: int,
+    def __init__(self, model: torch.nn.Module, cache: KVCache, max_batch: int, max_blocks: int,
                  device: torch.device):
-        self.model, self.cache, self.scratch_slot = model, cache, scratch_slot
-        self.max_batch = max_batch
+        self.model, self.cache, self.scratch = model, cache, cache.scratch_block
+        self.max_batch, self.max_blocks, self.block_size = max_batch, max_blocks, cache.block_size
         self.inputs = torch.zeros(4, max_batch, dtype=torch.long, device=device)
-        self.inputs[2] = scratch_slot
-        self.inputs[3] = 1
-        self.token_ids, self.positions, self.slots, self.kv_lens = self.inputs.unbind(0)
+        self.inputs[2] = self.scratch
+        self.token_ids, self.positions, self.blocks, self.offsets = self.inputs.unbind(0)
+        # lengths [max_batch] then tables [max_batch, max_blocks], int32, in one buffer
+        self.ints = torch.full((max_batch * (1 + max_blocks),), self.scratch, dtype=torch.int32, device=device)
+        self.ints[:max_batch] = 1
+        self.kv_lens = self.ints[:max_batch]
+        self.tables = self.ints[max_batch:].view(max_batch, max_blocks)
         self.staging = torch.empty(4, max_batch, dtype=torch.long, pin_memory=True)
         self.staging.copy_(self.inputs)
         self.staged = self.staging.numpy()  # writes through numpy: no torch op per field
+        self.int_staging = torch.empty(self.ints.shape, dtype=torch.int32, pin_memory=True)
+        self.int_staging.copy_(self.ints)
+        self.int_staged = self.int_staging.numpy()
+        self.staged_lens = self.int_staged[:max_batch]
+        self.staged_tables = self.int_staged[max_batch:].reshape(max_batch, max_blocks)
         self.copied = torch.cuda.Event()  # the last upload has left the staging buffer
         # a benchmark sets a list here: each step then appends (upload start, replay end) timing events
         self.step_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
@@ -62,8 +73,8 @@ class DecodeGraphs:
         logger.info("captured decode graphs for batch sizes %s", sorted(self.graphs))
 
     def _batch(self, size: int) -> ForwardBatch:
-        return ForwardBatch.decode_view(self.token_ids[:size], self.positions[:size], self.slots[:size],
-                                        self.kv_lens[:size])
+        return ForwardBatch.decode_view(self.token_ids[:size], self.positions[:size], self.blocks[:size],
+                                        self.offsets[:size], self.tables[:size], self.kv_lens[:size], self.block_size)
 
     def _forward(self, batch: ForwardBatch) -> torch.Tensor:
         return self.model.compute_logits(self.model(batch, self.cache))
@@ -71,26 +82,33 @@ class DecodeGraphs:
     def can_run(self, batch_size: int) -> bool:
         return batch_size <= self.max_batch
 
-    def run(self, token_ids: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
-        """Logits [B, V] of one decode step; each sequence's new token sits at `positions`."""
+    def run(self, token_ids: list[int], positions: list[int], tables: list[list[int]]) -> torch.Tensor:
+        """Logits [B, V] of one decode step; each sequence's new token sits at `positions`, its
+        blocks are `tables` (at least those covering positions + 1)."""
         n = len(token_ids)
         size = next(s for s in self.sizes if s >= n)
-        staged = self.staged
+        staged, bs = self.staged, self.block_size
         self.copied.synchronize()  # normally long done: the previous step's results were read since
         staged[0, :n] = token_ids
         staged[1, :n] = positions
-        staged[2, :n] = slots
-        staged[3, :n] = positions
-        staged[3, :n] += 1
-        if size > n:  # padding rows: token 0 at position 0 of the scratch slot
+        for i, (p, table) in enumerate(zip(positions, tables)):
+            used = p // bs + 1
+            staged[2, i] = table[p // bs]
+            self.staged_tables[i, :used] = table[:used]
+        staged[3, :n] = staged[1, :n] % bs
+        self.staged_lens[:n] = staged[1, :n] + 1
+        if size > n:  # padding rows: token 0 at position 0 of the scratch block
             staged[0:2, n:size] = 0
-            staged[2, n:size] = self.scratch_slot
-            staged[3, n:size] = 1
+            staged[2, n:size] = self.scratch
+            staged[3, n:size] = 0
+            self.staged_lens[n:size] = 1
+            self.staged_tables[n:size, 0] = self.scratch
         timing = self.step_events is not None
         if timing:
             began, ended = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             began.record()
         self.inputs.copy_(self.staging, non_blocking=True)
+        self.ints.copy_(self.int_staging, non_blocking=True)
         self.copied.record()
         self.graphs[size].replay()
         if timing:

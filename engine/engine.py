@@ -4,6 +4,11 @@ every rank and returns the outputs of the requests it advanced.
 `LLM.generate` is a loop over it (add every prompt, step until none is left); a server adds
 requests as they arrive and streams each step's deltas. The engine does not own the executor:
 whoever built it (LLM) shuts it down.
+
+KV memory is the driver's: a block manager (engine.block_manager) hands each sequence blocks of
+every rank's paged cache, and the block tables travel with each step. The block count is the
+ranks' (engine.kv_cache.num_kv_blocks: computed from the config here as on every rank; on CUDA
+without kv_cache_memory the ranks profile and agree on it, and the driver reads it back).
 """
 
 from __future__ import annotations
@@ -11,13 +16,15 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+from engine.block_manager import BlockManager
 from engine.config import ModelConfig
 from engine.engine_config import EngineConfig
 from engine.executor.base import Executor
+from engine.kv_cache import num_kv_blocks
 from engine.output_processor import OutputProcessor, RequestState, completion_sequences
 from engine.request_output import RequestOutput
 from engine.sampling import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import Scheduler, wants_prompt_logprobs
 from engine.step import StepInput
 from kernels.errors import InputError
 
@@ -28,7 +35,10 @@ class LLMEngine:
         self.executor = executor
         self.tokenizer = tokenizer
         self.max_model_len = config.max_model_len
-        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens)
+        self.block_manager = BlockManager(driver_kv_blocks(executor, config, model_config), config.block_size,
+                                          config.enable_prefix_caching)
+        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, self.block_manager)
+        self.counters = {"prefill_tokens": 0, "decode_tokens": 0, "steps": 0}
         self.processor = OutputProcessor(model_config.eos_token_ids, config.max_model_len)
         self.requests: dict[Any, RequestState] = {}  # unfinished requests by request id
         self._seq_ids = itertools.count()  # the workers' ids: never reused, so no stale cache is ever read
@@ -46,13 +56,17 @@ class LLMEngine:
         if len(prompt_token_ids) >= self.max_model_len:
             raise InputError(f"request {request_id!r}: the prompt has {len(prompt_token_ids)} tokens; "
                              f"max_model_len={self.max_model_len} leaves no room to generate")
+        bm = self.block_manager
+        if bm.blocks_for(len(prompt_token_ids)) > bm.num_blocks:
+            raise InputError(f"request {request_id!r}: the prompt has {len(prompt_token_ids)} tokens; the KV cache "
+                             f"holds {bm.num_blocks * bm.block_size} (raise kv_cache_memory)")
         seqs = completion_sequences(request_id, prompt_token_ids, params, self._seq_ids)  # n of them
         self.requests[request_id] = RequestState(request_id, prompt_text, seqs, self.tokenizer)
         for seq in seqs:
             self.scheduler.add(seq)
 
     def abort(self, request_id: Any) -> None:
-        """Drop a request: no more outputs for it; its cache slot is freed at the next step.
+        """Drop a request: no more outputs for it; its KV blocks are free at once.
         An unknown or finished request id is ignored (a client may go away as its request ends)."""
         state = self.requests.pop(request_id, None)
         if state is not None:
@@ -63,42 +77,98 @@ class LLMEngine:
         return bool(self.requests)
 
     def step(self) -> list[RequestOutput]:
-        batch = self.scheduler.schedule()
+        scheduled = self.scheduler.schedule()
         finished = self.scheduler.take_finished_ids()
-        if not batch:
+        cut = self._report_cut()
+        if not scheduled:
             self._drop(finished)
-            return []
+            return cut
+        batch = [item.seq for item in scheduled]
+        bm = self.block_manager
         step = StepInput(
-            seq_ids=[s.seq_id for s in batch], token_ids=[s.next_tokens() for s in batch],
+            seq_ids=[s.seq_id for s in batch], token_ids=[item.token_ids for item in scheduled],
             context_lens=[s.num_cached for s in batch], finished=finished,
-            prompt_logprobs=[s.params.prompt_logprobs and s.num_cached == 0 for s in batch],
-            sampling=[s.params for s in batch])
-        step.penalties = self._penalties(batch, step.token_ids)
+            prompt_logprobs=[wants_prompt_logprobs(s) and s.num_cached == 0 and item.sample
+                             for s, item in zip(batch, scheduled)],
+            sampling=[s.params for s in batch], block_tables=[bm.table(s.seq_id) for s in batch],
+            sample=[item.sample for item in scheduled])
+        step.penalties = self._penalties(batch, step.token_ids, step.sample)
         out = self.executor.execute(step)
+        self.counters["steps"] += 1
         advanced: dict[Any, RequestState] = {}  # in step order, each request once (n sequences each)
-        for i, seq in enumerate(batch):
-            seq.num_cached += len(step.token_ids[i])
+        for i, (seq, item) in enumerate(zip(batch, scheduled)):
+            self._count(seq, item.num_tokens)
+            self.scheduler.computed(item)
             if out.prompt_logprobs and out.prompt_logprobs[i] is not None:
                 seq.prompt_logprobs = out.prompt_logprobs[i]
+            if not item.sample:  # a prefill chunk before the prompt's end: nothing to report yet
+                continue
             state = advanced[seq.request_id] = self.requests[seq.request_id]
             reason = self.processor.append(state, out.token_ids[i], out.logprobs[i] if out.logprobs else None, seq)
             if reason:
                 self.scheduler.finish(seq, reason)
-        outputs = []
+        outputs = cut
         for request_id, state in advanced.items():
             if state.finished:
                 del self.requests[request_id]
             outputs.append(state.output())
-        if not self.scheduler.has_work():  # idle: free the last finished caches now, not at the next request
+        if not self.scheduler.has_work():  # idle: tell the samplers now, not at the next request
             self._drop(self.scheduler.take_finished_ids())
         return outputs
 
-    def _penalties(self, batch: list, token_ids: list[list[int]]):
-        """Rank 0's token counts update for the penalised sequences (None when there are none)."""
+    def _count(self, seq, num_tokens: int) -> None:
+        """Prefill tokens: prompt positions, and generated ones computed again after a preemption."""
+        start = seq.num_cached
+        prefill = max(0, min(start + num_tokens, max(len(seq.prompt_token_ids), seq.num_tokens - 1)) - start)
+        self.counters["prefill_tokens"] += prefill
+        self.counters["decode_tokens"] += num_tokens - prefill
+
+    def _report_cut(self) -> list[RequestOutput]:
+        """Outputs of requests whose sequences the scheduler finished for want of cache memory."""
+        outputs = []
+        for seq in self.scheduler.take_cut():
+            state = self.requests.get(seq.request_id)
+            if state is not None and state.finished:
+                del self.requests[seq.request_id]
+                outputs.append(state.output())
+        return outputs
+
+    def stats(self) -> dict[str, Any]:
+        """What a /metrics endpoint shows: requests running and waiting, KV blocks used of the
+        total, prefix-cache hit rate (prompt tokens found cached / looked up), preemptions, and
+        token counters since the engine started."""
+        bm, sched = self.block_manager, self.scheduler
+        queries, hits = bm.counters.prefix_queries, bm.counters.prefix_hits
+        return {
+            "running": len(sched.running), "waiting": len(sched.waiting),
+            "kv_blocks_used": bm.num_used, "kv_blocks_total": bm.num_blocks, "kv_block_size": bm.block_size,
+            "kv_cache_usage": bm.num_used / bm.num_blocks,
+            "prefix_cache_queries": queries, "prefix_cache_hits": hits,
+            "prefix_cache_hit_rate": hits / queries if queries else 0.0,
+            "preemptions": sched.num_preemptions, **self.counters,
+        }
+
+    def _penalties(self, batch: list, token_ids: list[list[int]], sample: list[bool]):
+        """Rank 0's token counts update for the penalised sequences that sample this step (None
+        when there are none; a chunk that does not sample sends nothing, so the sampling chunk
+        finds the cache grown past what was sent and sends everything)."""
         if not any(s.params.penalized for s in batch):
             return None
-        return [self.requests[s.request_id].completion(s).penalty_tokens(len(t)) for s, t in zip(batch, token_ids)]
+        return [self.requests[s.request_id].completion(s).penalty_tokens(len(t)) if want else None
+                for s, t, want in zip(batch, token_ids, sample)]
 
     def _drop(self, seq_ids: list[int]) -> None:
         if seq_ids:
             self.executor.execute(StepInput([], [], [], finished=seq_ids, sampling=[]))
+
+
+def driver_kv_blocks(executor: Executor, config: EngineConfig, model_config: ModelConfig) -> int:
+    """The ranks' KV block count: from the config (as every rank computes it), else the profiled
+    count the ranks agreed on, from the driver's own rank or the ranks' statistics."""
+    blocks = num_kv_blocks(config, model_config)
+    if blocks is not None:
+        return blocks
+    worker = getattr(executor, "worker", None)
+    if worker is not None:
+        return worker.num_kv_blocks
+    return min(s["kv_cache_blocks"] for s in executor.collect_stats())

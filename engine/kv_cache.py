@@ -1,50 +1,99 @@
-"""Per-rank key/value cache: one slot per running sequence.
+"""Per-rank paged key/value cache, sized once from a memory budget.
 
-Slot s holds a sequence's keys and values for positions [0, length) as one contiguous run, laid
-out [layers, slots, kv_heads, positions, head_dim] so that attention reads a batch of slots as a
-strided view. Slots and positions grow on demand (doubling), up to the model's context length.
+Keys and values of every layer live in fixed-size blocks: k, v [layers, blocks, kv_heads,
+block_size, head_dim]. Which block holds which sequence's positions is the driver's business
+(engine.block_manager); a rank reads and writes blocks through the block tables sent with each
+step, so nothing is ever moved or copied when sequences come and go. One extra block past the
+driver's `num_blocks` is scratch: padding rows of a captured CUDA graph write there.
+
+Sizing (`num_kv_blocks`): the driver and every rank compute the block count from the same
+config and model shapes, so no rank has to report it: `kv_cache_memory` bytes per rank when set,
+else on CPU DEFAULT_CPU_BYTES, clipped to what max_num_seqs sequences of max_model_len need. On
+CUDA without `kv_cache_memory`, each rank profiles instead (memory after its weights and one
+forward of max_num_batched_tokens, times gpu_memory_utilization), the ranks agree on the minimum
+(one all-reduce) and the driver reads it back from the ranks' statistics (`kv_cache_blocks`).
 """
 
 from __future__ import annotations
 
 import torch
 
+from engine.config import ModelConfig
+from engine.engine_config import EngineConfig
+from kernels.errors import InputError
+
+DEFAULT_CPU_BYTES = 512 * 2**20
+
+
+def local_kv_heads(model_config: ModelConfig, world_size: int) -> int:
+    """KV heads one rank keeps: split across ranks, or one replicated head each past that."""
+    return max(1, model_config.num_key_value_heads // world_size)
+
+
+def block_bytes(config: EngineConfig, model_config: ModelConfig) -> int:
+    """Bytes of one block (keys and values of every layer) on one rank."""
+    item = torch.empty(0, dtype=config.dtype).element_size()
+    return (2 * model_config.num_hidden_layers * local_kv_heads(model_config, config.tensor_parallel_size)
+            * config.block_size * model_config.head_dim * item)
+
+
+def blocks_needed(config: EngineConfig) -> int:
+    """Blocks for max_num_seqs sequences of max_model_len: more is never used."""
+    return config.max_num_seqs * -(-config.max_model_len // config.block_size)
+
+
+def num_kv_blocks(config: EngineConfig, model_config: ModelConfig) -> int | None:
+    """The cache's block count from the config alone, or None when the ranks must profile (CUDA
+    without kv_cache_memory)."""
+    if config.kv_cache_memory is None and config.device == "cuda":
+        return None
+    budget = config.kv_cache_memory if config.kv_cache_memory is not None else DEFAULT_CPU_BYTES
+    blocks = min(budget // block_bytes(config, model_config), blocks_needed(config))
+    if blocks < 1:
+        raise InputError(f"kv_cache_memory={budget} bytes holds no KV block "
+                         f"({block_bytes(config, model_config)} bytes each on a rank)")
+    return int(blocks)
+
 
 class KVCache:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device, max_len: int):
+                 device: torch.device, num_blocks: int, block_size: int = 16):
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
-        self.dtype, self.device, self.max_len = dtype, device, max_len
-        self.k = self._alloc(0, 0)
-        self.v = self._alloc(0, 0)
+        self.dtype, self.device, self.block_size = dtype, device, block_size
+        self.num_blocks = num_blocks  # the driver's blocks; block num_blocks is scratch
+        self.k, self.v = self._alloc(num_blocks + 1), self._alloc(num_blocks + 1)
+        self._slot_blocks = 0  # see reserve()
+
+    def _alloc(self, blocks: int) -> torch.Tensor:
+        shape = (self.num_layers, blocks, self.num_kv_heads, self.block_size, self.head_dim)
+        if self.device.type == "cpu":
+            # One allocation this large is fresh zeroed pages from the OS: resident only once written
+            # (a zero fill would make the whole budget resident at start-up).
+            return torch.empty(shape, dtype=self.dtype)
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
 
     @property
-    def num_slots(self) -> int:
-        return self.k.shape[1]
+    def scratch_block(self) -> int:
+        return self.num_blocks
 
     @property
-    def capacity(self) -> int:
-        return self.k.shape[3]
+    def bytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
 
-    def _alloc(self, slots: int, length: int) -> torch.Tensor:
-        return torch.zeros(self.num_layers, slots, self.num_kv_heads, length, self.head_dim,
-                           dtype=self.dtype, device=self.device)
+    # -- fixed tables for callers that drive the model directly (tests, calibration) -------------
 
     def reserve(self, slots: int, length: int) -> None:
-        """Make room for `slots` sequences of up to `length` positions."""
-        if length > self.max_len:
-            raise ValueError(f"sequence length {length} exceeds the model's context length {self.max_len}")
-        if slots <= self.num_slots and length <= self.capacity:
-            return
-        new_slots = max(slots, min(2 * self.num_slots, slots + 64)) if slots > self.num_slots else self.num_slots
-        new_len = min(self.max_len, max(length, 2 * self.capacity, 64)) if length > self.capacity else self.capacity
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = self._alloc(new_slots, new_len)
-            new[:, : old.shape[1], :, : old.shape[3]] = old
-            setattr(self, name, new)
+        """Give sequence "slot" s the blocks [s * m, (s + 1) * m), m covering `length` positions: a
+        batch built with slot numbers instead of block tables then reads those (growing the cache
+        if it is too small; only for callers that drive the model directly, never after capture)."""
+        m = -(-length // self.block_size)
+        if slots * m > self.num_blocks:
+            self.num_blocks = slots * m
+            self.k, self.v = self._alloc(self.num_blocks + 1), self._alloc(self.num_blocks + 1)
+        self._slot_blocks = max(self._slot_blocks, m)
 
-    def move(self, src: int, dst: int, length: int) -> None:
-        """Copy slot `src`'s first `length` positions into slot `dst` (compaction)."""
-        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
-        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+    def slot_tables(self, slots: list[int]) -> list[list[int]]:
+        m = self._slot_blocks
+        if m == 0:
+            raise ValueError("a batch built from slot numbers needs KVCache.reserve(slots, length) first")
+        return [list(range(s * m, (s + 1) * m)) for s in slots]

@@ -32,6 +32,9 @@ class Sequence:
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
     def next_tokens(self) -> list[int]:
         """Tokens not yet in the cache: the whole prompt first, then the last sampled token."""
         tokens = self.prompt_token_ids + self.output_token_ids

@@ -26,14 +26,24 @@ class StepInput:
     prompt_logprobs: list[bool] = field(default_factory=list)  # logits for every new token of that sequence
     sampling: list[SamplingParams] | None = None  # rank 0 only
     flags: int = 0
+    # each sequence's KV blocks (engine.block_manager), at least those its positions reach this step
+    block_tables: list[list[int]] = field(default_factory=list)
+    # whether a sequence samples this step (False: a prefill chunk before its prompt's last); empty: all do
+    sample: list[bool] = field(default_factory=list)
+
+    def samples(self, i: int) -> bool:
+        return not self.sample or self.sample[i]
     penalties: list[PenaltyTokens | None] | None = None  # rank 0 only: penalised sequences' new tokens
 
     def encode(self) -> torch.Tensor:
         n = len(self.seq_ids)
         want_all = self.prompt_logprobs or [False] * n
+        tables = self.block_tables or [[] for _ in range(n)]
+        sample = self.sample or [True] * n
         header = [self.flags, n, len(self.finished)]
         body = (list(self.seq_ids) + list(self.context_lens) + [len(t) for t in self.token_ids]
-                + [int(w) for w in want_all] + list(self.finished) + [t for seq in self.token_ids for t in seq])
+                + [int(w) for w in want_all] + [int(x) for x in sample] + [len(t) for t in tables]
+                + list(self.finished) + [t for seq in self.token_ids for t in seq] + [b for t in tables for b in t])
         return torch.tensor(header + body, dtype=torch.int64)
 
     @classmethod
@@ -45,12 +55,17 @@ class StepInput:
         context_lens, pos = v[pos:pos + n], pos + n
         query_lens, pos = v[pos:pos + n], pos + n
         want_all, pos = [bool(x) for x in v[pos:pos + n]], pos + n
+        sample, pos = [bool(x) for x in v[pos:pos + n]], pos + n
+        table_lens, pos = v[pos:pos + n], pos + n
         finished, pos = v[pos:pos + n_finished], pos + n_finished
-        token_ids = []
+        token_ids, tables = [], []
         for q in query_lens:
             token_ids.append(v[pos:pos + q])
             pos += q
-        return cls(seq_ids, token_ids, context_lens, finished, want_all, None, flags)
+        for w in table_lens:
+            tables.append(v[pos:pos + w])
+            pos += w
+        return cls(seq_ids, token_ids, context_lens, finished, want_all, None, flags, tables, sample)
 
     @classmethod
     def control(cls, flags: int) -> "StepInput":
@@ -59,6 +74,6 @@ class StepInput:
 
 @dataclass
 class StepOutput:
-    token_ids: list[int]  # the next token of each sequence, in step order
+    token_ids: list[int]  # the next token of each sampling sequence, in step order (StepInput.sample)
     logprobs: list[dict[int, float] | None] | None = None
     prompt_logprobs: list[list[float] | None] | None = None  # log p(token_j | prefix) for new tokens j >= 1

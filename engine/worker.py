@@ -1,7 +1,9 @@
 """One rank of a model: its shard of the weights, its KV cache, and the forward step.
 
 Every rank runs the same `execute(step)`; collectives inside the model join them. Rank 0 also
-samples and returns the next tokens.
+samples and returns the next tokens. The cache is paged and sized once at start-up; which blocks
+a sequence uses comes with each step (the driver's engine.block_manager decides), so a rank keeps
+no per-sequence state but the sampler's.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from engine.batch import ForwardBatch
 from engine.config import ModelConfig
 from engine.cuda_graph import DecodeGraphs
 from engine.engine_config import EngineConfig
-from engine.kv_cache import KVCache
+from engine.executor.stats import set_rank_info
+from engine.kv_cache import KVCache, block_bytes, num_kv_blocks
 from engine.load_progress import LoadProgress, Report
 from engine.models import model_class
 from engine.sampler import Sampler
@@ -55,72 +58,98 @@ class Worker:
         self.weight_bytes_read = weights.bytes_read
         logger.info("rank %d loaded %s (%s) in %.1fs, %.1f MB read", ctx.rank, config.model_path,
                     loader.describe(), time.perf_counter() - start, weights.bytes_read / 2**20)
+        self.num_kv_blocks = num_kv_blocks(config, self.model_config)
+        if self.num_kv_blocks is None:  # CUDA without kv_cache_memory: what is left after a profiled forward
+            self.num_kv_blocks = self._profile_kv_blocks()
         self.cache = KVCache(self.model_config.num_hidden_layers, self.model.num_local_kv_heads,
-                             self.model_config.head_dim, config.dtype, ctx.device, config.max_model_len)
+                             self.model_config.head_dim, config.dtype, ctx.device, self.num_kv_blocks,
+                             config.block_size)
+        set_rank_info(kv_cache_blocks=self.num_kv_blocks)  # the driver may read it back (engine.engine)
+        logger.info("rank %d KV cache: %d blocks of %d positions, %.1f MB", ctx.rank, self.num_kv_blocks,
+                    config.block_size, self.cache.bytes / 2**20)
         self.graphs = None
         if ctx.device.type == "cuda" and config.cuda_graphs:
-            # Graphs pin the cache's addresses: allocate it whole (plus one scratch slot for padding).
-            self.cache.reserve(config.max_num_seqs + 1, config.max_model_len)
+            # graphs read a static block-table buffer; padding rows write into the scratch block
             self.graphs = DecodeGraphs(self.model, self.cache, min(config.max_num_seqs, config.cuda_graph_max_batch),
-                                       scratch_slot=config.max_num_seqs, device=ctx.device)
-        self.slot_of: dict[int, int] = {}
-        self.length_of: dict[int, int] = {}
+                                       max_blocks=-(-config.max_model_len // config.block_size), device=ctx.device)
         self.sampler = Sampler(config.seed) if ctx.rank == 0 else None
 
-    # -- slots ----------------------------------------------------------------------------------
+    def _profile_kv_blocks(self) -> int:
+        """Blocks that fit in gpu_memory_utilization of the GPU after the weights and the peak of one
+        forward of max_num_batched_tokens (no cache); every rank takes the smallest rank's count."""
+        config, device = self.config, self.ctx.device
+        tokens = min(config.max_num_batched_tokens, config.max_model_len)
+        torch.cuda.reset_peak_memory_stats(device)
+        with torch.inference_mode():
+            batch = ForwardBatch.build([[0] * tokens], [0], [0], device)
+            self.model.compute_logits(self.model(batch, None))
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        total = torch.cuda.get_device_properties(device).total_memory
+        spare = int(total * config.gpu_memory_utilization) - peak
+        blocks = max(0, spare // block_bytes(config, self.model_config))
+        blocks = min(blocks, config.max_num_seqs * -(-config.max_model_len // config.block_size))
+        if self.ctx.world_size > 1:
+            import torch.distributed as dist
 
-    def _free(self, seq_id: int) -> None:
-        """Drop a sequence; the highest slot moves into its place so slots stay [0, n)."""
-        slot = self.slot_of.pop(seq_id, None)
-        length = self.length_of.pop(seq_id, 0)
-        if self.sampler is not None:
-            self.sampler.forget(seq_id)
-        if slot is None:
-            return
-        last = len(self.slot_of)
-        if slot != last:
-            moved = next(s for s, sl in self.slot_of.items() if sl == last)
-            self.cache.move(last, slot, self.length_of[moved])
-            self.slot_of[moved] = slot
-
-    def _slot(self, seq_id: int) -> int:
-        if seq_id not in self.slot_of:
-            self.slot_of[seq_id] = len(self.slot_of)
-        return self.slot_of[seq_id]
+            count = torch.tensor([blocks], dtype=torch.int64)
+            dist.all_reduce(count, op=dist.ReduceOp.MIN, group=self.ctx.cpu_group)
+            blocks = int(count.item())
+        if blocks < 1:
+            raise RuntimeError(f"rank {self.ctx.rank}: no room for a KV block within gpu_memory_utilization="
+                               f"{config.gpu_memory_utilization} (peak {peak / 2**30:.2f} GiB of "
+                               f"{total / 2**30:.2f} GiB after one forward); raise it or set kv_cache_memory")
+        logger.info("rank %d: %d KV blocks fit after a profiled forward (peak %.2f GiB)", self.ctx.rank, blocks,
+                    peak / 2**30)
+        return int(blocks)
 
     # -- the step -------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput | None:
-        for seq_id in step.finished:
-            self._free(seq_id)
+        if self.sampler is not None:
+            for seq_id in step.finished:
+                self.sampler.forget(seq_id)
         if not step.seq_ids:
             return StepOutput([]) if self.ctx.rank == 0 else None
-        slots = [self._slot(s) for s in step.seq_ids]
-        total = [c + len(t) for c, t in zip(step.context_lens, step.token_ids)]
-        self.cache.reserve(len(self.slot_of), max(total))
-        for seq_id, n in zip(step.seq_ids, total):
-            self.length_of[seq_id] = n
         if self._graph_step(step):
-            logits = self.graphs.run([t[0] for t in step.token_ids], list(step.context_lens), slots)
+            logits = self.graphs.run([t[0] for t in step.token_ids], list(step.context_lens), step.block_tables)
             if self.ctx.rank != 0:
                 return None
             tokens, logprobs = self.sampler.sample(logits, step.seq_ids, step.sampling, step.penalties)
             return StepOutput(tokens, logprobs)
-        batch = ForwardBatch.build(step.token_ids, step.context_lens, slots, self.ctx.device,
+        batch = ForwardBatch.build(step.token_ids, step.context_lens, step.block_tables, self.ctx.device,
                                    all_logits=step.prompt_logprobs)
         hidden = self.model(batch, self.cache)
         logits = self.model.compute_logits(hidden)
         if self.ctx.rank != 0:
             return None
         last = logits[batch.last_logit_row]
-        tokens, logprobs = self.sampler.sample(last, step.seq_ids, step.sampling, step.penalties)
+        tokens, logprobs = self._sample(last, step)
         return StepOutput(tokens, logprobs, self._prompt_logprobs(logits, batch, step))
+
+    def _sample(self, last: torch.Tensor, step: StepInput):
+        """Sample the rows that sample this step; a prefill chunk before its prompt's end gets token
+        -1 (its logits predict a prompt token) and draws nothing, so seeded draws do not depend on chunking."""
+        rows = [i for i in range(len(step.seq_ids)) if step.samples(i)]
+        if len(rows) == len(step.seq_ids):
+            return self.sampler.sample(last, step.seq_ids, step.sampling, step.penalties)
+        tokens, logprobs = [-1] * len(step.seq_ids), [None] * len(step.seq_ids)
+        if rows:
+            index = torch.tensor(rows, dtype=torch.long, device=last.device)
+            got, got_lp = self.sampler.sample(last.index_select(0, index), [step.seq_ids[i] for i in rows],
+                                              [step.sampling[i] for i in rows],
+                                              [step.penalties[i] for i in rows] if step.penalties else None)
+            for j, i in enumerate(rows):
+                tokens[i] = got[j]
+                logprobs[i] = got_lp[j] if got_lp else None
+        return tokens, logprobs
 
     def _graph_step(self, step: StepInput) -> bool:
         """Decode-only steps that fit a captured graph replay it (the same choice on every rank)."""
         return (self.graphs is not None and self.graphs.can_run(len(step.seq_ids))
-                and all(len(t) == 1 for t in step.token_ids) and not any(step.prompt_logprobs))
+                and all(len(t) == 1 for t in step.token_ids) and not any(step.prompt_logprobs)
+                and all(step.samples(i) for i in range(len(step.seq_ids))))
 
     @staticmethod
     def _prompt_logprobs(logits: torch.Tensor, batch: ForwardBatch, step: StepInput):

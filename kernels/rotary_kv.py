@@ -19,7 +19,7 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def rotary_kv_kernel(QKV, POS, SLOTS, COS, SIN, KC, VC, stride_t, stride_p,
+    def rotary_kv_kernel(QKV, POS, SLOTS, OFFS, COS, SIN, KC, VC, stride_t, stride_p,
                          stride_ks, stride_kh, stride_kl, stride_vs, stride_vh, stride_vl,
                          HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr, STORE: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
@@ -44,11 +44,12 @@ def _kernel():
             if head >= HEADS:
                 kv = head - HEADS
                 slot = tl.load(SLOTS + t)
-                k_dst = KC + slot * stride_ks + kv * stride_kh + pos * stride_kl
+                at = tl.load(OFFS + t)  # the position in the slot (a paged cache: the offset in the block)
+                k_dst = KC + slot * stride_ks + kv * stride_kh + at * stride_kl
                 tl.store(k_dst + d, o1.to(KC.dtype.element_ty))
                 tl.store(k_dst + HALF + d, o2.to(KC.dtype.element_ty))
                 v_src = QKV + t * stride_t + (HEADS + KV_HEADS + kv) * (2 * HALF)
-                v_dst = VC + slot * stride_vs + kv * stride_vh + pos * stride_vl
+                v_dst = VC + slot * stride_vs + kv * stride_vh + at * stride_vl
                 tl.store(v_dst + d, tl.load(v_src + d).to(VC.dtype.element_ty))
                 tl.store(v_dst + HALF + d, tl.load(v_src + HALF + d).to(VC.dtype.element_ty))
 
@@ -57,9 +58,12 @@ def _kernel():
 
 def rotary_kv(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, positions: torch.Tensor,
               cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor | None = None,
-              k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None) -> None:
+              k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
+              offsets: torch.Tensor | None = None) -> None:
     """Rotate q and k inside qkv [T, (heads + 2 kv_heads) * head_dim] by positions [T]; with a cache
-    (k/v_cache [slots, kv_heads, L, head_dim], slots [T]) store the rotated keys and the values."""
+    (k/v_cache [slots, kv_heads, L, head_dim], slots [T]) store the rotated keys and the values at
+    (slot, offsets) (offsets default to the positions; a paged cache [blocks, kv_heads, block_size,
+    head_dim] passes each token's block as its slot and its offset in the block)."""
     global _COMPILED
     if _COMPILED is None:
         _COMPILED = _kernel()
@@ -78,6 +82,7 @@ def rotary_kv(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, posit
     ks = kc.stride() if store else (0, 0, 0)
     vs = vc.stride() if store else (0, 0, 0)
     _COMPILED[(T, heads + kv_heads)](
-        qkv, positions, slots if store else positions, cos, sin, kc, vc, qkv.stride(0), cos.stride(0),
+        qkv, positions, slots if store else positions,
+        offsets if offsets is not None else positions, cos, sin, kc, vc, qkv.stride(0), cos.stride(0),
         ks[0], ks[1], ks[2], vs[0], vs[1], vs[2],
         HEADS=heads, KV_HEADS=kv_heads, HALF=half, STORE=store, num_warps=1)

@@ -11,13 +11,13 @@ from torch import nn
 
 from engine.batch import ForwardBatch
 from engine.kv_cache import KVCache
-from engine.layers.attention_backend import AttentionShape, SlotAttention
+from engine.layers.attention_backend import AttentionShape, PagedAttention
 from engine.layers.rotary import RotaryEmbedding
 
 
 class CachedAttention(nn.Module):
     def __init__(self, layer_index: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 rotary: RotaryEmbedding, backend: SlotAttention):
+                 rotary: RotaryEmbedding, backend: PagedAttention):
         super().__init__()
         self.shape = AttentionShape(layer_index, num_heads, num_kv_heads, head_dim)
         self.rotary = rotary

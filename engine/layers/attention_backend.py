@@ -3,15 +3,17 @@
 A backend's one entry point, `attend`, takes a layer's QKV projection output for the step's new
 tokens, rotates queries and keys by their positions, stores keys and values in the cache and
 attends (decode tokens as one batch, prefill chunks one at a time). The model never sees the
-layout: a paged cache brings its own backend and the model file stays as it is.
+layout.
 
-`SlotAttention` serves `engine.kv_cache.KVCache` (one contiguous run of positions per slot,
-[slots, Hkv, L, D] per layer) with plain torch ops (on CUDA its decode is the unsplit Triton
-kernel, gathered and scattered: SDPA would need a host sync, which graphs cannot capture).
-`TritonSlotAttention` runs a decode-only step as ONE launch per layer: rotary, the cache write
-and split-KV attention fused (kernels.decode_attention with rotary); mixed steps take rotary
-fused with the cache write (kernels.rotary_kv) and then the same attention without it. Prefill
-stays on torch's SDPA in both.
+The cache is paged (engine.kv_cache.KVCache: [blocks, Hkv, block_size, D] per layer); each
+sequence's positions are found through its block table (engine.batch.ForwardBatch.bind).
+`PagedAttention` runs plain torch ops: on CPU, a sequence's blocks are gathered whole and SDPA
+attends with a length mask; on CUDA its decode is the paged Triton kernel (SDPA would need a
+host sync, which graphs cannot capture). `TritonPagedAttention` runs a decode-only step as ONE
+launch per layer: rotary, the cache write and split-KV attention fused
+(kernels.paged_attention with rotary); mixed steps take rotary fused with the cache write
+(kernels.rotary_kv at each token's block and offset) and then the same attention without it.
+Prefill stays on torch's SDPA in both.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import torch.nn.functional as F
 from engine.batch import ForwardBatch
 from engine.kv_cache import KVCache
 from engine.layers.rotary import RotaryEmbedding
-from kernels.decode_attention import choose_splits, decode_attention, launch_shape
+from kernels.decode_attention import choose_splits, launch_shape
+from kernels.paged_attention import paged_decode_attention
 from kernels.rotary_kv import rotary_kv
 
 
@@ -46,12 +49,22 @@ class AttentionShape:
         return q.view(T, self.heads, D), k.view(T, self.kv_heads, D), v.view(T, self.kv_heads, D)
 
 
-class SlotAttention:
+def gather_blocks(cache_layer: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """[blocks, Hkv, bs, D] gathered by tables [B, W] → [B, Hkv, W * bs, D] (positions in order)."""
+    B, W = tables.shape
+    _, heads, bs, D = cache_layer.shape
+    picked = cache_layer.index_select(0, tables.reshape(-1).long()).view(B, W, heads, bs, D)
+    return picked.transpose(1, 2).reshape(B, heads, W * bs, D)
+
+
+class PagedAttention:
     name = "torch"
 
     def attend(self, shape: AttentionShape, qkv: torch.Tensor, batch: ForwardBatch, cache: KVCache | None,
                rotary: RotaryEmbedding) -> torch.Tensor:
         """qkv [T, (H + 2 Hkv) D] of the step's new tokens → attention output [T, H, D]."""
+        if cache is not None:
+            batch.bind(cache)
         q, k, v = self.store(shape, qkv, batch, cache, rotary)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if batch.decode_seq_index:
@@ -59,57 +72,52 @@ class SlotAttention:
         for i in batch.prefill_seq_index:
             start, n = batch.token_starts[i], batch.query_lens[i]
             out[start:start + n] = self.prefill(shape, q[start:start + n], k[start:start + n], v[start:start + n],
-                                                cache, batch.slots[i], batch.context_lens[i])
+                                                cache, batch, i)
         return out
 
     def store(self, shape: AttentionShape, qkv, batch: ForwardBatch, cache: KVCache | None, rotary):
-        """(q, k, v) with q and k rotated; with a cache, k and v written at each token's (slot, position)."""
+        """(q, k, v) with q and k rotated; with a cache, k and v written at each token's (block, offset)."""
         q, k, v = shape.split(qkv)
         q, k = rotary(batch.positions, q, k)
         if cache is not None:
-            cache.k[shape.layer][batch.token_slots, :, batch.positions] = k
-            cache.v[shape.layer][batch.token_slots, :, batch.positions] = v
+            cache.k[shape.layer][batch.token_blocks, :, batch.token_offsets] = k
+            cache.v[shape.layer][batch.token_blocks, :, batch.token_offsets] = v
         return q, k, v
 
     def decode(self, shape: AttentionShape, q: torch.Tensor, out: torch.Tensor, batch: ForwardBatch,
                cache: KVCache) -> None:
-        """Fill out's rows of the decode tokens: q [T, H, D] attends to each sequence's cache."""
+        """Fill out's rows of the decode tokens: q [T, H, D] attends to each sequence's blocks."""
         k_cache, v_cache = cache.k[shape.layer], cache.v[shape.layer]
         idx = batch.decode_token_index
         if q.is_cuda:
-            out[idx] = decode_attention(q[idx], k_cache, v_cache, batch.decode_slots, batch.decode_kv_lens,
-                                        shape.scale)
+            paged_decode_attention(q, k_cache, v_cache, batch.decode_tables, batch.decode_kv_lens, shape.scale,
+                                   tokens=idx, out=out)
             return
-        length = int(batch.decode_kv_lens.max())
-        if batch.decode_slot_range is not None:
-            first, count = batch.decode_slot_range
-            keys, values = k_cache[first:first + count, :, :length], v_cache[first:first + count, :, :length]
-        else:
-            keys = k_cache.index_select(0, batch.decode_slots)[:, :, :length]
-            values = v_cache.index_select(0, batch.decode_slots)[:, :, :length]
+        keys, values = gather_blocks(k_cache, batch.decode_tables), gather_blocks(v_cache, batch.decode_tables)
         o = F.scaled_dot_product_attention(q[idx].unsqueeze(2), keys, values, attn_mask=batch.decode_mask,
                                            scale=shape.scale, enable_gqa=shape.heads != shape.kv_heads)
         out[idx] = o.squeeze(2)
 
     def prefill(self, shape: AttentionShape, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                cache: KVCache | None, slot: int, context: int) -> torch.Tensor:
-        """Causal attention of one sequence's n new tokens (q [n, H, D], k/v [n, Hkv, D]) after
-        `context` cached positions → [n, H, D]."""
-        n = q.shape[0]
+                cache: KVCache | None, batch: ForwardBatch, i: int) -> torch.Tensor:
+        """Causal attention of sequence i's n new tokens (q [n, H, D], k/v [n, Hkv, D]) after its
+        context_lens[i] cached positions → [n, H, D]."""
+        n, context = q.shape[0], batch.context_lens[i]
         gqa = shape.heads != shape.kv_heads
         q = q.transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
         if context == 0:
             keys, values = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=shape.scale, enable_gqa=gqa)
         else:
-            keys = cache.k[shape.layer][slot: slot + 1, :, : context + n]
-            values = cache.v[shape.layer][slot: slot + 1, :, : context + n]
+            table = batch.tables[i: i + 1, :-(-(context + n) // batch.block_size)]
+            keys = gather_blocks(cache.k[shape.layer], table)[:, :, :context + n]
+            values = gather_blocks(cache.v[shape.layer], table)[:, :, :context + n]
             mask = torch.ones(n, context + n, dtype=torch.bool, device=q.device).tril(diagonal=context)
             o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=shape.scale, enable_gqa=gqa)
         return o.squeeze(0).transpose(0, 1)
 
 
-class TritonSlotAttention(SlotAttention):
+class TritonPagedAttention(PagedAttention):
     name = "triton"
 
     def __init__(self):
@@ -118,6 +126,7 @@ class TritonSlotAttention(SlotAttention):
     def attend(self, shape, qkv, batch, cache, rotary):
         if cache is None or not batch.all_decode:
             return super().attend(shape, qkv, batch, cache, rotary)
+        batch.bind(cache)
         if qkv.stride(-1) != 1:
             qkv = qkv.contiguous()
         out = torch.empty(qkv.shape[0], shape.heads, shape.head_dim, dtype=qkv.dtype, device=qkv.device)
@@ -127,25 +136,27 @@ class TritonSlotAttention(SlotAttention):
     def store(self, shape, qkv, batch, cache, rotary):
         if qkv.stride(-1) != 1:
             qkv = qkv.contiguous()
+        stored = cache is not None
         rotary_kv(qkv, shape.heads, shape.kv_heads, shape.head_dim, batch.positions, rotary.cos, rotary.sin,
-                  batch.token_slots if cache is not None else None,
-                  cache.k[shape.layer] if cache is not None else None,
-                  cache.v[shape.layer] if cache is not None else None)
+                  batch.token_blocks if stored else None, cache.k[shape.layer] if stored else None,
+                  cache.v[shape.layer] if stored else None, offsets=batch.token_offsets if stored else None)
         return shape.split(qkv)
 
     def decode(self, shape, q, out, batch, cache):
         self._attention(shape, q, out, batch, cache)
 
     def _attention(self, shape, q, out, batch, cache, rotary=None) -> None:
-        # no host sync: lengths stay on the device; the split count follows the cache's capacity
-        # (a sequence shorter than one chunk costs no more for it: kernels.decode_attention)
+        # no host sync: lengths and tables stay on the device; the split count follows the
+        # table's width (a sequence shorter than one chunk costs no more for it)
         k_cache = cache.k[shape.layer]
-        sequences, sms = batch.decode_slots.shape[0], self._multiprocessors(k_cache.device)
+        tables = batch.decode_tables
+        sequences, sms = tables.shape[0], self._multiprocessors(k_cache.device)
         block_l, warps = launch_shape(sequences, shape.kv_heads, sms)
-        decode_attention(q, k_cache, cache.v[shape.layer], batch.decode_slots, batch.decode_kv_lens, shape.scale,
-                         block_l=block_l, num_warps=warps,
-                         splits=choose_splits(sequences, shape.kv_heads, cache.capacity, sms),
-                         tokens=batch.decode_token_index, out=out, rotary=rotary)
+        paged_decode_attention(q, k_cache, cache.v[shape.layer], tables, batch.decode_kv_lens, shape.scale,
+                               block_l=block_l, num_warps=warps,
+                               splits=choose_splits(sequences, shape.kv_heads, tables.shape[1] * cache.block_size,
+                                                    sms),
+                               tokens=batch.decode_token_index, out=out, rotary=rotary)
 
     def _multiprocessors(self, device: torch.device) -> int:
         if device not in self._sms:
@@ -154,6 +165,7 @@ class TritonSlotAttention(SlotAttention):
         return self._sms[device]
 
 
-def slot_attention_backend(fused: bool) -> SlotAttention:
-    """The backend of the slot cache: Triton kernels when `fused`, else torch."""
-    return TritonSlotAttention() if fused else SlotAttention()
+def paged_attention_backend(fused: bool) -> PagedAttention:
+    """The backend of the paged cache: Triton kernels when `fused`, else torch."""
+    return TritonPagedAttention() if fused else PagedAttention()
+

@@ -16,7 +16,7 @@ from engine.config import ModelConfig
 from engine.kv_cache import KVCache
 from engine.layers.activation import SiluAndMul
 from engine.layers.attention import CachedAttention
-from engine.layers.attention_backend import SlotAttention, slot_attention_backend
+from engine.layers.attention_backend import PagedAttention, paged_attention_backend
 from engine.layers.kernel_choice import use_triton
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
@@ -28,7 +28,7 @@ from quant.base import WeightsLoader
 
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, i: int, prefix: str, weights, loader: WeightsLoader,
-                 ctx: ParallelContext, rotary: RotaryEmbedding, backend: SlotAttention):
+                 ctx: ParallelContext, rotary: RotaryEmbedding, backend: PagedAttention):
         super().__init__()
         self.qkv_proj = QKVParallelLinear(
             [f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"], cfg.hidden_size,
@@ -59,7 +59,7 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, i: int, weights, loader: WeightsLoader, ctx: ParallelContext,
-                 rotary: RotaryEmbedding, backend: SlotAttention, fused: bool):
+                 rotary: RotaryEmbedding, backend: PagedAttention, fused: bool):
         super().__init__()
         prefix = f"model.layers.{i}"
         self.input_layernorm = RMSNorm(weights.get_tensor(f"{prefix}.input_layernorm.weight", shape=[cfg.hidden_size]),
@@ -84,7 +84,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         fused = use_triton(kernels, device)
-        attention = slot_attention_backend(fused)
+        attention = paged_attention_backend(fused)
         self.embed_tokens = VocabParallelEmbedding("model.embed_tokens", cfg.vocab_size, cfg.hidden_size, weights, ctx)
         rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling,
                                  dtype, device)
