@@ -5,10 +5,12 @@
   back, sampled rows draw from the penalised distribution, counts survive a restart (preemption).
 - On a small random Llama with the default model's tokenizer (real text, fast steps): n=3 with a
   seed gives 3 distinct completions, the same on a second run; completion 0 is the n=1 request;
-  completion j is the n=1 request with seed completion_seed(j), penalties included; greedy with
-  repetition_penalty > 1 repeats less, and the reference sampler swapped in picks the same tokens;
-  logprobs top-N are log_softmax top-N of the logits the sampler was given (within 1e-5); stop
-  strings spanning tokens cut the text (or end it, with include_stop_str_in_output); usage counts.
+  completion j is the n=1 request with seed completion_seed(j), penalties included; logprobs
+  top-N are log_softmax top-N of the logits the sampler was given (within 1e-5); stop strings
+  spanning tokens cut the text (or end it, with include_stop_str_in_output); usage counts.
+- A random Llama built to repeat its last token: greedy gives one token 24 times, with
+  repetition_penalty=3 24 distinct tokens none from the prompt; the reference sampler swapped into
+  the worker picks the same tokens from the same logits.
 """
 
 from __future__ import annotations
@@ -328,18 +330,33 @@ def test_n_streams_each_completion(tiny_llm):
     engine.step()
 
 
-def test_repetition_penalty_greedy_repeats_less_and_equals_reference(tiny_llm, monkeypatch):
-    base = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-    penalised = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, repetition_penalty=1.5)
-    plain, with_penalty = tiny_llm.generate([PROMPTS[0]] * 2, [base, penalised])
-    repeats = [len(o.token_ids) - len(set(o.token_ids)) for o in (plain, with_penalty)]
-    assert repeats[0] >= 8 and repeats[1] < repeats[0] // 2, repeats
-    prompt = set(plain.prompt_token_ids)
-    assert len(set(with_penalty.token_ids) & prompt) <= len(set(plain.token_ids) & prompt)
-    worker = tiny_llm.executor.worker
-    monkeypatch.setattr(worker, "sampler", ReferenceSampler())  # the CPU reference on the same logits
-    ref_plain, ref_penalised = tiny_llm.generate([PROMPTS[0]] * 2, [base, penalised])
-    assert ref_penalised.token_ids == with_penalty.token_ids and ref_plain.token_ids == plain.token_ids
+@pytest.fixture(scope="module")
+def repeating_llm(tmp_path_factory):
+    """A tied-embedding random Llama whose layers barely touch the residual stream: its greedy
+    output repeats one token forever (the logits are about the last token's embedding times itself)."""
+    from safetensors.torch import load_file, save_file
+
+    path = write_hf_llama(tmp_path_factory.mktemp("repeating"), hidden=16, heads=4, kv_heads=2, intermediate=32,
+                          vocab=1024, tied=True)
+    weights = load_file(path / "model.safetensors")
+    for name in weights:
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            weights[name] = weights[name] * 0.05
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    with LLM(str(path), dtype="float32", progress=False) as llm:
+        yield llm
+
+
+def test_repetition_penalty_greedy_repeats_less_and_equals_reference(repeating_llm, monkeypatch):
+    prompt = [5, 17, 99, 3, 250]
+    params = [SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, repetition_penalty=r) for r in (1.0, 3.0)]
+    plain, penalised = repeating_llm.generate([prompt] * 2, params)
+    repeats = [len(o.token_ids) - len(set(o.token_ids)) for o in (plain, penalised)]
+    assert repeats == [23, 0], (plain.token_ids, penalised.token_ids)  # one token 24 times; 24 distinct ones
+    assert not set(penalised.token_ids) & set(prompt)
+    monkeypatch.setattr(repeating_llm.executor.worker, "sampler", ReferenceSampler())  # the CPU reference
+    ref_plain, ref_penalised = repeating_llm.generate([prompt] * 2, params)
+    assert (ref_plain.token_ids, ref_penalised.token_ids) == (plain.token_ids, penalised.token_ids)
 
 
 def test_logprobs_are_log_softmax_of_the_sampler_logits(tiny_llm, monkeypatch):
