@@ -188,3 +188,74 @@ def test_missing_scb_and_tiled_format(tmp_path):
     del tensors["layer.SCB"]
     with pytest.raises(QuantConfigError, match=r"tensor layer\.SCB is missing .*\(layer\.weight is int8"):
         loader.load_linear(Weights(_saved(tmp_path, tensors)), column_shard([("layer", N)], K, 0, 1))
+
+
+# -- the default model, quantized by transformers + bitsandbytes, end to end ------------------
+
+E2E = {  # name -> BitsAndBytesConfig arguments
+    "nf4_double_quant_bf16_storage": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.bfloat16),
+    "int8": dict(load_in_8bit=True),
+}
+
+
+def bnb_twin(path) -> dict[str, torch.Tensor]:
+    """Every quantized weight of the checkpoint decoded by bitsandbytes itself (no qshard code)."""
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        names = set(f.keys())
+        for name in names:
+            layer = name[: -len(".weight")]
+            if name.endswith(".weight") and f"{name}.absmax" in names:
+                parts = {n[len(name) + 1:]: f.get_tensor(n) for n in names if n.startswith(name + ".")}
+                state = F.QuantState.from_dict(parts, device=torch.device("cpu"))
+                out[name] = F.dequantize_4bit(f.get_tensor(name), state).float()
+            elif name.endswith(".weight") and f"{layer}.SCB" in names:
+                q, scb = f.get_tensor(name), f.get_tensor(f"{layer}.SCB")
+                bnb_w = F.int8_vectorwise_dequant(q, scb).float()
+                out[name] = q.float() * (scb / 127)[:, None]  # the documented formula, as qshard computes it
+                assert torch.allclose(out[name], bnb_w, rtol=2.5e-7, atol=0)  # bnb: (q * SCB) * (1/127)
+    return out
+
+
+@pytest.fixture(scope="module", params=list(E2E))
+def e2e(request, default_model_dir, tmp_path_factory):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from tests.quant.test_default_model_formats import _generate, _hf_run
+
+    path = tmp_path_factory.mktemp(request.param) / "ckpt"
+    model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32, device_map="cpu",
+                                                 quantization_config=BitsAndBytesConfig(**E2E[request.param]))
+    model.save_pretrained(path)
+    del model
+    tokens1, logprobs1, logits1 = _generate(path, 1)
+    tokens3, logprobs3, _ = _generate(path, 3)
+    twin = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
+    float_logits, _, _ = _hf_run(twin, tokens1)
+    decoded = bnb_twin(path)
+    missing, unexpected = twin.load_state_dict(decoded, strict=False)
+    assert not unexpected and len(decoded) == 210  # every decoder linear is quantized
+    hf_logits, hf_logprobs, hf_argmax = _hf_run(twin, tokens1)
+    return dict(name=request.param, tokens1=tokens1, tokens3=tokens3, logprobs1=logprobs1, logprobs3=logprobs3,
+                logits1=logits1, hf_logits=hf_logits, hf_logprobs=hf_logprobs, hf_argmax=hf_argmax,
+                float_logits=float_logits)
+
+
+@pytest.mark.slow
+def test_default_model_tp3_equals_tp1_and_transformers(e2e):
+    r = e2e
+    assert r["tokens3"] == r["tokens1"] and all(len(t) == 8 for t in r["tokens1"])
+    tp_diff = (r["logprobs3"] - r["logprobs1"]).abs().max().item()
+    logit_diff = (r["logits1"] - r["hf_logits"]).abs().max().item()
+    logprob_diff = (r["logprobs1"] - r["hf_logprobs"]).abs().max().item()
+    shift = (r["logits1"] - r["float_logits"]).abs().max().item()
+    print(f"{r['name']}: TP=3 vs TP=1 max |logprob diff| {tp_diff:.2e}; vs transformers (bnb-decoded twin) max "
+          f"|logit diff| {logit_diff:.2e}, max |logprob diff| {logprob_diff:.2e}; quantization moved logits by {shift:.2f}")
+    # tolerances of tests/quant/test_default_model_formats.py
+    assert tp_diff < 1e-3
+    assert logit_diff < 1e-3 and logprob_diff < 1e-3
+    assert shift > 1000 * logit_diff
+    assert r["hf_argmax"] == r["tokens1"]

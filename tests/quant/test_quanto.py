@@ -126,3 +126,55 @@ def test_missing_tensor_and_unmapped_layer(tmp_path):
         QuantoLoader.from_config({"quant_method": "quanto", "weights": "int4", "activations": "int8"})
     with pytest.raises(QuantConfigError, match=r"weights='int3' is not supported"):
         QuantoLoader.from_config({"quant_method": "quanto", "weights": "int3"})
+
+
+# -- the default model, quantized by optimum-quanto, end to end ---------------------------------
+
+E2E = ["qint4", "qint8"]
+
+
+@pytest.fixture(scope="module", params=E2E)
+def e2e(request, default_model_dir, tmp_path_factory):
+    """qshard at TP=1 / TP=3 on optimum-quanto's own checkpoint, and transformers on its twin: the float
+    model with every quantized weight replaced by quanto's dequantization of the reloaded checkpoint
+    (QuantizedModelForCausalLM.from_pretrained, quanto's reader, not qshard's)."""
+    from optimum.quanto import QuantizedModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from tests.quant.test_default_model_formats import _generate, _hf_run
+
+    path = tmp_path_factory.mktemp(request.param) / "ckpt"
+    model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32)
+    QuantizedModelForCausalLM.quantize(model, weights=getattr(quanto, request.param),
+                                       exclude="lm_head").save_pretrained(path)
+    del model
+    tokens1, logprobs1, logits1 = _generate(path, 1)
+    tokens3, logprobs3, _ = _generate(path, 3)
+    reloaded = QuantizedModelForCausalLM.from_pretrained(str(path))
+    decoded = {f"{name}.weight": m.qweight.dequantize().float() for name, m in reloaded._wrapped.named_modules()
+               if hasattr(m, "qweight") and m.weight_qtype is not None}
+    twin = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
+    float_logits, _, _ = _hf_run(twin, tokens1)
+    _, unexpected = twin.load_state_dict(decoded, strict=False)
+    assert not unexpected and len(decoded) == 210
+    hf_logits, hf_logprobs, hf_argmax = _hf_run(twin, tokens1)
+    return dict(name=request.param, tokens1=tokens1, tokens3=tokens3, logprobs1=logprobs1, logprobs3=logprobs3,
+                logits1=logits1, hf_logits=hf_logits, hf_logprobs=hf_logprobs, hf_argmax=hf_argmax,
+                float_logits=float_logits)
+
+
+@pytest.mark.slow
+def test_default_model_tp3_equals_tp1_and_transformers(e2e):
+    r = e2e
+    assert r["tokens3"] == r["tokens1"] and all(len(t) == 8 for t in r["tokens1"])
+    tp_diff = (r["logprobs3"] - r["logprobs1"]).abs().max().item()
+    logit_diff = (r["logits1"] - r["hf_logits"]).abs().max().item()
+    logprob_diff = (r["logprobs1"] - r["hf_logprobs"]).abs().max().item()
+    shift = (r["logits1"] - r["float_logits"]).abs().max().item()
+    print(f"{r['name']}: TP=3 vs TP=1 max |logprob diff| {tp_diff:.2e}; vs transformers (quanto-decoded twin) max "
+          f"|logit diff| {logit_diff:.2e}, max |logprob diff| {logprob_diff:.2e}; quantization moved logits by {shift:.2f}")
+    # tolerances of tests/quant/test_default_model_formats.py
+    assert tp_diff < 1e-3
+    assert logit_diff < 1e-3 and logprob_diff < 1e-3
+    assert shift > 1000 * logit_diff
+    assert r["hf_argmax"] == r["tokens1"]
