@@ -1,0 +1,147 @@
+"""The paged KV cache end to end on a small synthetic Llama (real safetensors from transformers):
+preemption by recompute under a KV budget too small for all requests, prefix caching of a
+repeated system prompt, chunked prefill beside running decodes, and TP=3 (mp, gloo) == TP=1."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.engine_config import EngineConfig
+from engine.kv_cache import block_bytes
+from engine.llm import LLM
+from engine.config import ModelConfig
+from engine.sampling import SamplingParams
+from tests.helpers import write_hf_llama
+
+GREEDY = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+BS = 16
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    # 6 query heads, 3 KV heads: TP=3 splits both; head size 32 (the Triton kernels' smallest)
+    return write_hf_llama(tmp_path_factory.mktemp("paged") / "llama", hidden=192, heads=6, kv_heads=3,
+                          intermediate=384, layers=2, vocab=264, seed=3, init_std=0.1)
+
+
+def prompt(i: int, n: int) -> list[int]:
+    return [3 + (i * 37 + j * 11) % 250 for j in range(n)]
+
+
+def kv_bytes(path, blocks: int, tp: int = 1) -> int:
+    cfg = EngineConfig(str(path), tensor_parallel_size=tp, block_size=BS)
+    return blocks * block_bytes(cfg, ModelConfig.from_dir(path))
+
+
+def make(path, **kw) -> LLM:
+    kw.setdefault("executor", "uni")
+    return LLM(path, dtype="float32", device="cpu", progress=False, block_size=BS, **kw)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    """Each prompt run alone on a roomy cache without prefix caching."""
+    llm = make(checkpoint, enable_prefix_caching=False)
+    cache: dict[tuple, list[int]] = {}
+
+    def alone(ids: list[int], params=GREEDY) -> list[int]:
+        key = (tuple(ids), params.max_tokens)
+        if key not in cache:
+            cache[key] = llm.generate([ids], params)[0].token_ids
+        return cache[key]
+
+    yield alone
+    llm.shutdown()
+
+
+def test_preemption_by_recompute_gives_the_same_greedy_tokens(checkpoint, reference):
+    prompts = [prompt(i, 20 + 3 * i) for i in range(8)]  # 20..41 tokens, + 20 generated: 3-4 blocks each
+    with make(checkpoint, kv_cache_memory=kv_bytes(checkpoint, 8), max_num_seqs=8) as llm:
+        assert llm.engine.stats()["kv_blocks_total"] == 8  # room for about two requests at once
+        outs = llm.generate(prompts, GREEDY)
+        stats = llm.engine.stats()
+    assert [o.token_ids for o in outs] == [reference(p) for p in prompts]
+    assert all(len(o.token_ids) == 20 for o in outs)
+    assert stats["preemptions"] > 0, stats
+    assert stats["kv_blocks_used"] == 0 and stats["running"] == 0 and stats["waiting"] == 0
+
+
+def test_prefix_cache_skips_the_repeated_system_prompt(checkpoint, reference):
+    system = prompt(99, 70)  # 4 full blocks of 16 + 6 tokens
+    first, second = system + prompt(1, 5), system + prompt(2, 9)
+    with make(checkpoint) as llm:
+        engine = llm.engine
+        before = engine.stats()["prefill_tokens"]
+        a = llm.generate([first], GREEDY)[0]
+        after_a = engine.stats()["prefill_tokens"]
+        b = llm.generate([second], GREEDY)[0]
+        after_b = engine.stats()["prefill_tokens"]
+        again = llm.generate([second], GREEDY)[0]  # the whole prompt's full blocks are cached now
+        after_again = engine.stats()["prefill_tokens"]
+        stats = engine.stats()
+    assert after_a - before == len(first)
+    assert after_b - after_a == len(second) - 4 * BS  # the system prompt's 4 full blocks were not prefilled
+    assert after_again - after_b == len(second) - (len(second) - 1) // BS * BS
+    assert a.token_ids == reference(first) and b.token_ids == reference(second) == again.token_ids
+    assert stats["prefix_cache_hits"] == 4 * BS + (len(second) - 1) // BS * BS
+    assert stats["prefix_cache_queries"] == len(first) + 2 * len(second)
+    assert 0 < stats["prefix_cache_hit_rate"] < 1 and stats["kv_blocks_used"] == 0
+
+
+class Recorder:
+    """Passes steps through to the real executor and keeps them."""
+
+    def __init__(self, executor):
+        self.executor, self.steps = executor, []
+
+    def execute(self, step):
+        self.steps.append(step)
+        return self.executor.execute(step)
+
+
+def test_chunked_prefill_never_stalls_running_decodes(checkpoint, reference):
+    budget = 24
+    with make(checkpoint, max_num_batched_tokens=budget, max_num_seqs=4) as llm:
+        engine = llm.engine
+        recorder = engine.executor = Recorder(engine.executor)
+        long_prompt = prompt(7, 100)
+        engine.add_request("a", prompt(1, 10), GREEDY)
+        engine.add_request("b", prompt(2, 12), GREEDY)
+        engine.step()  # both prompts (22 tokens) in one step
+        engine.step()
+        engine.add_request("long", long_prompt, GREEDY)
+        tokens: dict[str, list[int]] = {}
+        lengths = []
+        while engine.has_unfinished():
+            for out in engine.step():
+                tokens[out.request_id] = out.token_ids
+            lengths.append({r: len(tokens.get(r, ())) for r in ("a", "b", "long")})
+        long_steps = [s for s in recorder.steps[2:] if s.seq_ids and len(s.token_ids[-1]) > 1]
+    # the long prompt went in chunks beside the two decodes, each step within the budget
+    assert len(long_steps) == -(-100 // (budget - 2)) == 5
+    for s in recorder.steps:
+        assert sum(len(t) for t in s.token_ids) <= budget
+    for s in long_steps:
+        assert [len(t) for t in s.token_ids[:2]] == [1, 1] and len(s.token_ids[2]) <= budget - 2
+        assert s.sample == [True, True, s is long_steps[-1]]
+    # the decodes advanced by one token in every step while the long prompt was prefilled
+    for before, after in zip(lengths, lengths[1:len(long_steps)]):
+        assert after["a"] == before["a"] + 1 and after["b"] == before["b"] + 1
+    assert tokens["long"] == reference(long_prompt)
+    assert tokens["a"] == reference(prompt(1, 10)) and tokens["b"] == reference(prompt(2, 12))
+
+
+def test_tp3_equals_tp1_with_preemption_and_chunks(checkpoint):
+    prompts = [prompt(i, 15 + 9 * i) for i in range(5)]
+    kw = dict(max_num_batched_tokens=32, max_num_seqs=4, enable_prefix_caching=True)
+    with make(checkpoint, kv_cache_memory=kv_bytes(checkpoint, 7), **kw) as one:
+        want = [o.token_ids for o in one.generate(prompts, GREEDY)]
+        one_stats = one.engine.stats()
+    with make(checkpoint, tensor_parallel_size=3, executor="mp", kv_cache_memory=kv_bytes(checkpoint, 7, tp=3),
+              **kw) as three:
+        assert three.engine.stats()["kv_blocks_total"] == 7
+        got = [o.token_ids for o in three.generate(prompts, GREEDY)]
+        three_stats = three.engine.stats()
+    assert got == want
+    assert one_stats["preemptions"] == three_stats["preemptions"] > 0
+    assert three_stats["kv_blocks_used"] == 0
