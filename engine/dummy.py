@@ -6,9 +6,10 @@ but synthesizes each tensor (or just the box a rank asks for) on the rank's devi
 Values are a counter-based hash of (tensor name, seed, element index): every rank sees the same
 full tensor whatever its slice, so TP=1 and TP=N run the same model.
 
-Quantized shapes get valid packed tensors: uniformly random 4-bit codes, constant zero points
-(GPTQ v1 stores z-1 = 7, AWQ stores z = 8) and small scales (effective weight std ≈ 0.02, as
-HF's initializer), so activations stay in range through dozens of layers.
+Quantized shapes get valid tensors of their format, described by that format's own Packer
+(`random_tensors`, found through quant.registry): e.g. uniformly random codes, constant zero points
+and small scales (effective weight std ≈ 0.02, as HF's initializer), so activations stay in range
+through dozens of layers. This module knows no packing rule.
 
 `write_config(shape, quant, dir)` writes the config.json a dummy model is built from.
 """
@@ -17,14 +18,15 @@ from __future__ import annotations
 
 import json
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from engine.config import ConfigError, ModelConfig
-from kernels.packing import packed_size
+from quant.base import QuantConfigError
+from quant.common.random_weights import RandomTensor
+from quant.registry import packer_class
 
 _LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
           "attention_bias": False, "mlp_bias": False, "rms_norm_eps": 1e-5}
@@ -98,22 +100,6 @@ def parameter_count(cfg: ModelConfig) -> int:
     return cfg.num_hidden_layers * layer + cfg.vocab_size * h + head + h
 
 
-@dataclass(frozen=True)
-class _Spec:
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    kind: str  # "uniform", "ones", "codes", "const", "scales", "group_ids"
-    value: float | int = 0.0  # uniform: half-width; const: int32 word; scales: mean; group_ids: group size
-
-
-def _const_word(code: int, bits: int) -> int:
-    """The int32 word holding `code` in every `bits`-wide field (two's complement)."""
-    word = 0
-    for i in range(32 // bits):
-        word |= code << (bits * i)
-    return word - (1 << 32) if word >= 1 << 31 else word
-
-
 class DummyWeights:
     """TensorSource of random weights for `cfg` (see the module docstring)."""
 
@@ -124,7 +110,7 @@ class DummyWeights:
         self.seed = seed
         self.bytes_read = 0  # nothing comes from disk
         self.bytes_made = 0
-        self._specs: dict[str, _Spec] = {}
+        self._specs: dict[str, RandomTensor] = {}
         self._build(cfg)
 
     # -- what exists -----------------------------------------------------------------------------
@@ -153,39 +139,25 @@ class DummyWeights:
 
     def _add(self, name: str, shape: tuple[int, ...], kind: str, value: float | int = 0.0,
              dtype: torch.dtype | None = None) -> None:
-        self._specs[name] = _Spec(tuple(shape), dtype or self.dtype, kind, value)
+        self._specs[name] = RandomTensor(tuple(shape), kind, value, dtype)
 
     def _linear_maker(self, quant: dict[str, Any] | None):
         half = WEIGHT_STD * 3 ** 0.5
         if not quant:
             return lambda prefix, n, k: self._add(f"{prefix}.weight", (n, k), "uniform", half)
         method = str(quant.get("quant_method", "")).lower()
-        bits = int(quant.get("bits", quant.get("w_bit", 4)))
-        group = int(quant.get("group_size", quant.get("q_group_size", 128)))
-        if method not in ("gptq", "awq") or bits not in (2, 4, 8) or (method == "awq" and bits != 4):
-            raise ConfigError(f"dummy weights cover gptq (2/4/8-bit) and awq (4-bit) checkpoints, "
-                              f"not quant_method={method!r} bits={bits}")
-        levels = 1 << bits
-        # (q - z) * s with q uniform over [0, 2^b) has std s * sqrt((4^b - 1) / 12)
-        scale = WEIGHT_STD / ((levels * levels - 1) / 12) ** 0.5
+        try:
+            packer = packer_class(method).for_config(quant)
+        except QuantConfigError as e:
+            raise ConfigError(f"no dummy weights for quant_method={method!r}: {e}") from None
 
-        def gptq(prefix: str, n: int, k: int) -> None:
-            g = k if group == -1 else group
-            groups = -(-k // g)
-            self._add(f"{prefix}.qweight", (packed_size(k, bits), n), "codes", dtype=torch.int32)
-            # v1 checkpoints store z - 1 (symmetric z = 2^(b-1)); v2 store z
-            z = levels // 2 - (0 if quant.get("checkpoint_format") == "gptq_v2" else 1)
-            self._add(f"{prefix}.qzeros", (groups, packed_size(n, bits)), "const", _const_word(z, bits), torch.int32)
-            self._add(f"{prefix}.scales", (groups, n), "scales", scale, torch.float16)
-            self._add(f"{prefix}.g_idx", (k,), "group_ids", g, torch.int32)
+        def quantized(prefix: str, n: int, k: int) -> None:
+            try:
+                self._specs.update(packer.random_tensors(prefix, n, k, WEIGHT_STD))
+            except QuantConfigError as e:
+                raise ConfigError(f"no dummy weights for quant_method={method!r}: {e}") from None
 
-        def awq(prefix: str, n: int, k: int) -> None:
-            groups = -(-k // group)
-            self._add(f"{prefix}.qweight", (k, packed_size(n, 4)), "codes", dtype=torch.int32)
-            self._add(f"{prefix}.qzeros", (groups, packed_size(n, 4)), "const", _const_word(8, 4), torch.int32)
-            self._add(f"{prefix}.scales", (groups, n), "scales", scale, torch.float16)
-
-        return gptq if method == "gptq" else awq
+        return quantized
 
     # -- the TensorSource protocol ---------------------------------------------------------------
 
@@ -195,7 +167,7 @@ class DummyWeights:
     def has(self, name: str) -> bool:
         return name in self._specs
 
-    def _spec(self, name: str) -> _Spec:
+    def _spec(self, name: str) -> RandomTensor:
         try:
             return self._specs[name]
         except KeyError:
@@ -205,7 +177,7 @@ class DummyWeights:
         return list(self._spec(name).shape)
 
     def get_dtype(self, name: str) -> torch.dtype:
-        return self._spec(name).dtype
+        return self._spec(name).dtype or self.dtype
 
     def get_tensor(self, name: str, shape=None) -> torch.Tensor:
         if shape is not None and self.get_shape(name) != list(shape):
@@ -221,14 +193,14 @@ class DummyWeights:
             if step != 1:
                 raise ValueError(f"dummy tensor {name}: strided reads are not supported ({s})")
             box.append((start, max(start, stop)))
-        out_dtype = spec.dtype if not spec.dtype.is_floating_point else self.dtype
+        out_dtype = spec.dtype if spec.dtype is not None and not spec.dtype.is_floating_point else self.dtype
         out = self._make(name, spec, box, out_dtype)
         self.bytes_made += out.numel() * out.element_size()
         return out
 
     # -- making values ---------------------------------------------------------------------------
 
-    def _make(self, name: str, spec: _Spec, box: list[tuple[int, int]], dtype: torch.dtype) -> torch.Tensor:
+    def _make(self, name: str, spec: RandomTensor, box: list[tuple[int, int]], dtype: torch.dtype) -> torch.Tensor:
         shape = [b - a for a, b in box]
         dev = self.device
         if spec.kind == "ones":

@@ -91,12 +91,12 @@ def make_packer(fmt: str, args: QuantArgs, true_sequential: bool, damp: float, i
     """The format's writer: GPTQ v1 when symmetric (what every engine reads), gptq_v2 when
     asymmetric (true zero points, so zero = 0 is representable); compressed-tensors pack-quantized."""
     if fmt == "gptq":
-        from quant.gptq import GPTQPacker
+        from quant.gptq.packer import GPTQPacker
 
         return GPTQPacker(bits=args.bits, group_size=args.group_size, sym=args.sym,
                           checkpoint_format="gptq" if args.sym else "gptq_v2", damp_percent=damp,
                           true_sequential=true_sequential)
-    from quant.compressed_tensors import CompressedTensorsPacker
+    from quant.compressed_tensors.packer import CompressedTensorsPacker
 
     return CompressedTensorsPacker(args, ignore=ignore)
 

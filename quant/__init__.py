@@ -1,18 +1,16 @@
-"""Quantization formats, one module each; `get_loader` picks the module serving a checkpoint."""
+"""Quantization formats, one folder each (quant/<format>/: config parsing, loader, packer), found
+through the one table in quant.registry; `get_loader` picks the loader serving a checkpoint.
+
+Importing `quant` imports no format: a loader module is imported when a checkpoint asks for it,
+and packers, export and calibration only by the paths that write checkpoints.
+"""
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import Any
 
-from quant.base import (Packer, PackedLinear, QuantConfigError, WeightsLoader, loader_class, register,
-                        registered_methods)
-
-# Importing every module of this package registers its loader: adding a format is adding a file.
-for _mod in pkgutil.iter_modules(__path__):
-    if not _mod.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_mod.name}")
+from quant.base import Packer, PackedLinear, QuantConfigError, WeightsLoader, register, registered_methods
+from quant.registry import loader_class
 
 
 def get_loader(quantization_config: dict[str, Any] | None) -> WeightsLoader:

@@ -3,8 +3,8 @@
 A `WeightsLoader` knows its format's tensors and packing. Given a `LinearShard` (what this rank
 owns of a layer, from `parallel.sharding`) it reads the rank's slices through the checkpoint's
 `TensorSource` and returns a `PackedLinear`: the rank's tensors plus the matmul that reads them.
-Nothing outside `quant/` knows any format; a new format is one new module that registers its
-loader with `@register`.
+Nothing outside `quant/` knows any format; a new format is one folder `quant/<format>/` (its
+config parsing, loader and packer) plus one line in `quant.registry`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -21,6 +21,9 @@ import kernels
 
 from parallel.sharding import LinearShard, TensorSource
 from kernels.errors import QShardError
+
+if TYPE_CHECKING:
+    from quant.common.random_weights import RandomTensor
 
 
 class QuantConfigError(QShardError, ValueError):
@@ -126,29 +129,43 @@ class Packer(abc.ABC):
         """(file name, text) written beside config.json (e.g. quantize_config.json)."""
         return []
 
+    @classmethod
+    def for_config(cls, config: dict[str, Any]) -> "Packer":
+        """The packer writing what a quantization_config describes (random weights of that shape)."""
+        raise QuantConfigError(f"the {cls.method} packer cannot be built from a quantization_config")
 
-_REGISTRY: dict[str, type[WeightsLoader]] = {}
+    def random_tensors(self, prefix: str, out_features: int, in_features: int,
+                       weight_std: float) -> dict[str, "RandomTensor"]:
+        """Random weights of one layer in this format, named `{prefix}.{suffix}`, whose dequantized
+        weight has about `weight_std` (quant.common.random_weights says how they are described)."""
+        raise QuantConfigError(f"random weights are not available in the {self.method} format")
 
 
 def register(*methods: str):
-    """Class decorator: serve these quant_method names with the decorated loader."""
+    """Class decorator naming the quant_method(s) a loader serves. The table that finds loaders is
+    quant.registry; this checks, when the module is imported, that the table points here."""
 
     def wrap(cls: type[WeightsLoader]) -> type[WeightsLoader]:
+        from quant.registry import FORMATS
+
+        here = f"{cls.__module__}:{cls.__qualname__}"
         for m in methods:
-            if m in _REGISTRY and _REGISTRY[m] is not cls:
-                raise RuntimeError(f"quant_method {m!r} registered twice: {_REGISTRY[m]} and {cls}")
-            _REGISTRY[m] = cls
+            listed = FORMATS.get(m)
+            if listed is None or listed.loader != here:
+                raise RuntimeError(f"quant_method {m!r} is served by {here} but quant.registry lists "
+                                   f"{listed.loader if listed else 'nothing'} for it")
         return cls
 
     return wrap
 
 
 def registered_methods() -> list[str]:
-    return sorted(_REGISTRY)
+    from quant.registry import method_names
+
+    return method_names()
 
 
 def loader_class(method: str) -> type[WeightsLoader]:
-    try:
-        return _REGISTRY[method]
-    except KeyError:
-        raise QuantConfigError(f"unsupported quant_method {method!r}; supported: {', '.join(registered_methods())}") from None
+    from quant.registry import loader_class as find
+
+    return find(method)

@@ -234,7 +234,7 @@ def test_directory_filled_while_writing_is_not_replaced(layout):
 
 def test_export_refuses_before_quantizing(layout):
     from quant.export import export_quantized
-    from quant.gptq import GPTQPacker
+    from quant.gptq.packer import GPTQPacker
 
     calls = []
     with pytest.raises(InputError, match="is a non-empty directory"):

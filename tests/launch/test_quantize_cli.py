@@ -99,7 +99,7 @@ def test_asymmetric_round_trip_is_exact(tiny_model, tmp_path, method):
     from quant.calibrate import QuantArgs
     from quant.calibrate.pipeline import calibrate
     from quant.export import export_quantized
-    from quant.gptq import GPTQPacker
+    from quant.gptq.packer import GPTQPacker
 
     model = tmp_path / "float"
     shutil.copytree(tiny_model, model)

@@ -12,7 +12,7 @@ from engine.weights import Weights
 from kernels.layouts import AWQLayout, GPTQLayout
 from parallel.sharding import column_shard, row_shard
 from quant import QuantConfigError, get_loader
-from quant.awq import AWQPacker
+from quant.awq.packer import AWQPacker
 from quant.calibrate import QuantArgs, QuantResult, rtn_quantize
 from tests.helpers import engine_last_logits
 from tests.quant.checkpoints import (PROMPTS, awq_tensors, export_with_reference, expected_slice, greedy_tokens,

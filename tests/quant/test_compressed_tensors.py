@@ -16,8 +16,9 @@ from engine.weights import Weights
 from parallel.sharding import ShardingError, column_shard, qkv_shard, row_shard
 from quant import QuantConfigError, get_loader
 from quant.calibrate import QuantArgs, QuantResult, rtn_quantize
-from quant.compressed_tensors import FORMAT_VERSION, CompressedTensorsPacker
-from quant.compressed_tensors_scheme import CompressedTensorsConfig
+from quant.compressed_tensors.pack_quantized import FORMAT_VERSION
+from quant.compressed_tensors.packer import CompressedTensorsPacker
+from quant.compressed_tensors.scheme import CompressedTensorsConfig
 from quant.export import export_quantized
 from tests.helpers import engine_last_logits, write_hf_llama
 from tests.quant.ct_package import package_checkpoint

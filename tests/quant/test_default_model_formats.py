@@ -25,11 +25,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from quant.awq import AWQPacker
+from quant.awq.packer import AWQPacker
 from quant.calibrate import QuantArgs, QuantResult, rtn_quantize
-from quant.compressed_tensors import CompressedTensorsPacker
+from quant.compressed_tensors.packer import CompressedTensorsPacker
 from quant.export import export_quantized
-from quant.gptq import GPTQPacker
+from quant.gptq.packer import GPTQPacker
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 

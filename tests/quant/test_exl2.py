@@ -15,8 +15,8 @@ from engine.weights import Weights
 from parallel.sharding import Layout, LinearShard, column_shard, qkv_shard, row_shard
 from quant import QuantConfigError, get_loader
 from quant.base import KernelLinear
-from quant.exl2 import ConcatLinear
-from quant.exl2_pack import Exl2Layer, Exl2Packer, Exl2Recipe, exl2_quantize, pack_layer
+from quant.exl2.loader import ConcatLinear
+from quant.exl2.packer import Exl2Layer, Exl2Packer, Exl2Recipe, exl2_quantize, pack_layer
 from tests.kernels.kernel_checks import bf16_cpu_backend
 from tests.quant.checkpoints import CountingWeights, expected_slice, save_checkpoint
 
@@ -94,7 +94,7 @@ def test_packer_matches_exllamav2_pack(n):
 
 
 def write_exl2(prefix: str, layer: Exl2Layer) -> dict[str, torch.Tensor]:
-    """exl2 tensors written here from the format (not through quant.exl2_pack): each group's codes
+    """exl2 tensors written here from the format (not through quant.exl2.packer): each group's codes
     as a little-endian bit stream down the rows (code of row r at bits [r*b, (r+1)*b) of the group's
     words), columns padded to 32 with the zero point; 4-bit scale codes qs - 1 along N, padding 0xF."""
     k, n = layer.codes.shape

@@ -15,8 +15,8 @@ from kernels.layouts import GPTQLayout
 from parallel.sharding import column_shard, qkv_shard, row_shard
 from quant import QuantConfigError, get_loader
 from quant.calibrate import QuantArgs, QuantResult, gptq_quantize, rtn_quantize
-from quant.gptq import GPTQPacker
-from quant.unquantized import DenseLinear
+from quant.gptq.packer import GPTQPacker
+from quant.common.dense import DenseLinear
 from tests.helpers import engine_last_logits
 from tests.quant.checkpoints import (PROMPTS, export_with_reference, expected_slice, gptq_tensors, greedy_tokens,
                                      random_result, save_checkpoint)

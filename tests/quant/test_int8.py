@@ -13,7 +13,7 @@ from tests.kernels.kernel_checks import bf16_cpu_backend
 from kernels import act_quant
 from parallel.sharding import Layout, column_shard, row_shard
 from quant import QuantConfigError, get_loader
-from quant.int8 import quantize_int8_per_channel
+from quant.int8.loader import quantize_int8_per_channel
 from tests.quant.checkpoints import expected_slice, save_checkpoint
 from tests.quant.ct_package import package_checkpoint
 from tests.quant.test_fp8 import (SOURCES, K, check_end_to_end, convert_default, ct_config, engine_logits,

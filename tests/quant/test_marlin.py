@@ -13,8 +13,8 @@ from engine.weights import Weights
 from parallel.sharding import Layout, LinearShard, column_shard, qkv_shard, row_shard, tensor_name
 from quant import QuantConfigError, get_loader
 from quant.calibrate import QuantArgs, QuantResult, rtn_quantize
-from quant.marlin import MarlinPacker
-from quant.marlin_layout import CHUNK_N, TILE_K, decode_codes, encode_codes
+from quant.marlin.packer import MarlinPacker
+from quant.marlin.layout import CHUNK_N, TILE_K, decode_codes, encode_codes
 from tests.kernels.kernel_checks import bf16_cpu_backend
 from tests.quant.checkpoints import CountingWeights, expected_slice, random_result, save_checkpoint
 

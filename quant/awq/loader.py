@@ -1,4 +1,4 @@
-"""AWQ checkpoints (AutoAWQ / transformers, GEMM packing): loader and packer.
+"""AWQ checkpoints (AutoAWQ / transformers, GEMM packing): the loader.
 
 Stored per layer (K in-features, N out-features, G = K / group_size groups), 4-bit only:
     qweight int32 [K, N / 8]  codes packed along N, slot i of a word holding column AWQ_ORDER[i]
@@ -20,9 +20,9 @@ import torch
 from kernels.layouts import AWQLayout, GPTQLayout
 from kernels.packing import AWQ_ORDER, pack_int32, unpack_int32
 from parallel.sharding import Axis, Groups, LinearShard, Role, TensorSource, local_group_ids, read_shard
-from quant.base import KernelLinear, Packer, PackedLinear, QuantConfigError, WeightsLoader, register
-from quant.gptq_common import (check_group_size, check_stored, config_bool, config_field, config_int,
-                               dense_if_unquantized, effective_group_size)
+from quant.base import KernelLinear, PackedLinear, QuantConfigError, WeightsLoader, register
+from quant.common.config_fields import config_bool, config_field, config_int
+from quant.common.packed_layers import check_group_size, check_stored, dense_if_unquantized, effective_group_size
 
 logger = logging.getLogger(__name__)
 
@@ -86,32 +86,3 @@ def awq_as_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tenso
     zeros = unpack_int32(qzeros, BITS, 1, count=out_features, order=AWQ_ORDER)  # [G, N]
     return GPTQLayout(pack_int32(codes, BITS, 0), scales, pack_int32(zeros, BITS, 1), g_idx, BITS, group_size,
                       in_features, out_features)
-
-
-class AWQPacker(Packer):
-    """Writes AWQ GEMM layers (4 bits, stored zero points) from trivially ordered groups."""
-
-    method = "awq"
-
-    def __init__(self, group_size: int = 128):
-        check_group_size(group_size, "awq")
-        self.group_size = group_size
-
-    def pack(self, prefix: str, result, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        n, k = result.codes.shape
-        want_group = k if self.group_size == -1 else self.group_size
-        if (result.bits, result.group_size) != (BITS, want_group):
-            raise QuantConfigError(f"{prefix}: quantized with bits={result.bits}, group_size={result.group_size} but AWQ "
-                             f"stores bits=4, group_size={want_group}")
-        if not result.has_trivial_g_idx:
-            raise QuantConfigError(f"{prefix}: act-order (a permuted g_idx) cannot be written as AWQ, which has no g_idx")
-        return {
-            f"{prefix}.qweight": pack_int32(result.codes.T, BITS, 1, AWQ_ORDER),
-            f"{prefix}.qzeros": pack_int32(result.zeros.T, BITS, 1, AWQ_ORDER),
-            f"{prefix}.scales": result.scales.T.to(dtype).contiguous(),
-        }
-
-    def quantization_config(self) -> dict[str, Any]:
-        """As AutoAWQ writes it into config.json."""
-        return {"quant_method": "awq", "bits": BITS, "group_size": self.group_size, "zero_point": True,
-                "version": "gemm", "modules_to_not_convert": None}

@@ -1,10 +1,11 @@
-"""Pieces shared by the GPTQ-family loaders (GPTQ, AWQ): reading config fields, the dense fallback
-for layers a checkpoint leaves in float, and checks of group size and stored shapes that name
-the tensor and the config value behind a mismatch."""
+"""Checks shared by the formats that store int32-packed codes with group scales (GPTQ, AWQ, Marlin,
+exl2, ...): group size against in_features, stored tensors against the config (naming the tensor
+and the config value behind a mismatch), and the dense fallback for layers a checkpoint leaves in
+float."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Iterable
 
 import torch
 
@@ -12,31 +13,9 @@ from kernels.packing import packed_size
 from parallel.sharding import (Axis, Groups, LinearShard, Role, TensorSource, expected_shape, logical_length,
                                tensor_name)
 from quant.base import PackedLinear, QuantConfigError
-from quant.unquantized import load_dense
+from quant.common.dense import load_dense
 
 PACKED_BITS = (2, 3, 4, 8)
-
-
-def config_field(config: dict[str, Any], keys: Sequence[str], default: Any = None) -> Any:
-    """The first of `keys` present (and not None) in `config`; formats spell fields differently."""
-    for key in keys:
-        if config.get(key) is not None:
-            return config[key]
-    return default
-
-
-def config_int(config: dict[str, Any], keys: Sequence[str], default: int | None, method: str) -> int | None:
-    value = config_field(config, keys, default)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-        raise QuantConfigError(f"{method} quantization_config field {keys[0]}={value!r} must be an integer")
-    return value
-
-
-def config_bool(config: dict[str, Any], keys: Sequence[str], method: str) -> bool | None:
-    value = config_field(config, keys)
-    if value is not None and not isinstance(value, bool):
-        raise QuantConfigError(f"{method} quantization_config field {keys[0]}={value!r} must be true or false")
-    return value
 
 
 def check_group_size(group_size: int, method: str) -> None:

@@ -1,5 +1,5 @@
-"""compressed-tensors checkpoints (llm-compressor's output): the "compressed-tensors" loader and
-its "pack-quantized" format (int weights, W4A16 / W8A16), reader and writer.
+"""compressed-tensors' "pack-quantized" format (int weights, W4A16 / W8A16): the reader (the
+writer: quant.compressed_tensors.packer).
 
 pack-quantized tensors of a layer `{prefix}` (checked against compressed-tensors 0.20's own
 pack_to_int32 / PackedQuantizationCompressor, and the older pack_factor packer before it):
@@ -20,11 +20,8 @@ were packed 32//b codes per word (bits wasted) before compressed-tensors' dense 
 same config, so a checkpoint alone cannot say which layout it holds.
 """
 
-from __future__ import annotations
-
 import logging
 from dataclasses import replace
-from typing import Any
 
 import torch
 
@@ -32,11 +29,8 @@ from kernels.layouts import GPTQLayout
 from kernels.packing import pack_int32, unpack_int32
 from parallel.sharding import (Axis, Groups, LinearShard, Role, TensorSource, local_group_ids,
                                logical_length, read_shard, tensor_name)
-from quant.base import KernelLinear, Packer, PackedLinear, QuantConfigError, WeightsLoader, register
-from quant.calibrate.args import QuantArgs, QuantResult
-from quant.compressed_tensors_scheme import (FORMATS, METHOD, STATUS_COMPRESSED, CompressedTensorsConfig,
-                                             FormatHandler, Scheme, register_format)
-from quant.unquantized import load_dense
+from quant.base import KernelLinear, PackedLinear, QuantConfigError
+from quant.compressed_tensors.scheme import FormatHandler, Scheme, register_format
 
 logger = logging.getLogger(__name__)
 
@@ -54,68 +48,6 @@ G_IDX_WHOLE = Role("weight_g_idx", (Axis.FULL,))
 SHAPE = Role("weight_shape", (Axis.FULL,))
 TENSOR_SCALE = Role("weight_scale", (Axis.FULL,))
 TENSOR_ZERO = Role("weight_zero_point", (Axis.FULL,))
-
-
-@register(METHOD)
-class CompressedTensorsLoader(WeightsLoader):
-    """Resolves each layer's scheme (targets / ignore) and hands it to its format's handler."""
-
-    method = METHOD
-
-    def __init__(self, config: CompressedTensorsConfig):
-        self.config = config
-        self.handlers = {s.format: FORMATS[s.format]() for s in config.schemes}
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "CompressedTensorsLoader":
-        parsed = CompressedTensorsConfig.parse(config)
-        if parsed.status != STATUS_COMPRESSED:
-            raise QuantConfigError(f"compressed-tensors quantization_status is {parsed.status or None!r}; only "
-                                   f"'{STATUS_COMPRESSED}' checkpoints hold quantized tensors (a 'frozen' one holds "
-                                   f"float weights to be fake-quantized, which qshard does not do)")
-        for key in ("sparsity_config", "transform_config"):
-            if config.get(key):
-                raise QuantConfigError(f"compressed-tensors {key} is set ({config[key]!r}); sparse and transformed "
-                                       f"(rotated) checkpoints are not supported")
-        if parsed.kv_cache_scheme is not None:
-            raise QuantConfigError("compressed-tensors kv_cache_scheme is set; a quantized KV cache is not supported")
-        for scheme in parsed.schemes:
-            if scheme.format not in FORMATS:
-                raise QuantConfigError(
-                    f"compressed-tensors format {scheme.format!r} (config_groups.{scheme.name}) is not supported; "
-                    f"supported now: {', '.join(FORMATS)}")
-            FORMATS[scheme.format].check_scheme(scheme)
-        return cls(parsed)
-
-    def load_linear(self, weights: TensorSource, shard: LinearShard) -> PackedLinear:
-        schemes = {src: self.config.scheme_for(src) for src in shard.sources}
-        kinds = {_storage(s) for s in schemes.values()}
-        if len(kinds) > 1:
-            shown = {src: (s.name if s else "not quantized") for src, s in schemes.items()}
-            raise QuantConfigError(f"layers {list(shard.sources)} run as one fused matmul but are quantized "
-                                   f"differently ({shown}); they must share one scheme")
-        scheme = next(iter(schemes.values()))
-        if scheme is None:
-            return load_dense(weights, shard)
-        return self.handlers[scheme.format].load_linear(weights, shard, scheme)
-
-    def describe(self) -> str:
-        return f"{METHOD} ({', '.join(f'{s.format} {_describe(s)}' for s in self.config.schemes)})"
-
-
-def _storage(scheme: Scheme | None):
-    """What decides how a layer is stored: everything but the group's name and targets."""
-    return None if scheme is None else (scheme.format, scheme.weights, scheme.input_activations,
-                                         scheme.output_activations)
-
-
-def _describe(scheme: Scheme) -> str:
-    w = scheme.weights
-    if w is None:
-        return "no weights"
-    size = f" {w.group_size}" if w.strategy == "group" else ""
-    return (f"W{w.num_bits}A{8 if scheme.input_activations else 16} {w.strategy}{size} {'sym' if w.symmetric else 'asym'}"
-            + (" act-order" if w.has_g_idx else ""))
 
 
 @register_format(PACK_QUANTIZED)
@@ -238,71 +170,3 @@ def _int32(t: torch.Tensor, shard: LinearShard, role: Role) -> torch.Tensor:
 
 def _all_symmetric(qzeros: torch.Tensor, bits: int, n: int) -> bool:
     return bool((unpack_int32(qzeros, bits, 1, count=n) == (1 << (bits - 1))).all())
-
-
-class CompressedTensorsPacker(Packer):
-    """Writes pack-quantized layers exactly as compressed-tensors 0.20 / llm-compressor do.
-
-    actorder "group" (a permuted g_idx) is written the legacy way, with weight_g_idx: vLLM and
-    qshard load it, compressed-tensors >= 0.20 (and so transformers with it) refuses the config.
-    transformers 5.23 with compressed-tensors 0.20 loads symmetric output as is; asymmetric output,
-    the package's own included, only with CompressedTensorsConfig(dequantize=True): its default
-    load expects an unpacked weight_zero_point (llm-compressor issue 1618).
-    """
-
-    method = METHOD
-
-    def __init__(self, args: QuantArgs, ignore: tuple[str, ...] | list[str] = ("lm_head",),
-                 targets: tuple[str, ...] | list[str] = ("Linear",)):
-        if args.bits not in PACKED_BITS:
-            raise QuantConfigError(f"pack-quantized writes {'/'.join(map(str, PACKED_BITS))}-bit codes, "
-                                   f"not {args.bits}")
-        self.args, self.ignore, self.targets = args, list(ignore), list(targets)
-        self.strategy = "channel" if args.strategy == "group" and args.group_size == -1 else args.strategy
-        if args.actorder == "group":
-            logger.warning("actorder 'group' is written with weight_g_idx (legacy compressed-tensors); "
-                           "compressed-tensors >= 0.20 refuses such checkpoints")
-
-    def pack(self, prefix: str, result: QuantResult, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        a, bits = self.args, self.args.bits
-        if (result.bits, result.sym) != (bits, a.sym):
-            raise QuantConfigError(f"{prefix}: result is {result.bits}-bit sym={result.sym}, the packer writes "
-                                   f"{bits}-bit sym={a.sym}")
-        rows, columns = result.codes.shape
-        offset = 1 << (bits - 1)
-        out = {"weight_packed": pack_int32(result.codes, bits, dim=1), "weight_shape": torch.tensor([rows, columns])}
-        scales, zeros = result.scales, result.zeros
-        if self.strategy == "tensor":
-            if not (bool((scales == scales[0, 0]).all()) and bool((zeros == zeros[0, 0]).all())):
-                raise QuantConfigError(f"{prefix}: strategy 'tensor' needs one scale and zero for the whole weight")
-            scales, zeros = scales[:1, 0], zeros[:1, 0]
-        out["weight_scale"] = torch.empty(scales.shape, dtype=dtype).copy_(scales)  # fresh, never a view
-        if a.sym:
-            if not bool((zeros == offset).all()):
-                raise QuantConfigError(f"{prefix}: symmetric result has zero points other than {offset}")
-        elif self.strategy == "tensor":
-            out["weight_zero_point"] = (zeros - offset).to(torch.int8)  # signed, unpacked, as compressed-tensors
-        else:
-            out["weight_zero_point"] = pack_int32(zeros, bits, dim=0)
-        if not result.has_trivial_g_idx:
-            if a.actorder != "group":
-                raise QuantConfigError(f"{prefix}: the result has a permuted g_idx but the packer's actorder is "
-                                       f"{a.actorder!r}; use actorder 'group'")
-            out["weight_g_idx"] = torch.empty(columns, dtype=torch.int32).copy_(result.g_idx)
-        return {f"{prefix}.{k}": v for k, v in out.items()}
-
-    def quantization_config(self) -> dict[str, Any]:
-        a = self.args
-        weights: dict[str, Any] = {"dynamic": False, "group_size": a.group_size if self.strategy == "group" else None,
-                                   "num_bits": a.bits, "strategy": self.strategy, "symmetric": a.sym, "type": "int"}
-        if a.actorder != "none":
-            weights["actorder"] = a.actorder
-        return {
-            "config_groups": {"group_0": {"format": PACK_QUANTIZED, "input_activations": None,
-                                          "output_activations": None, "targets": list(self.targets),
-                                          "weights": weights}},
-            "format": PACK_QUANTIZED, "global_compression_ratio": None, "ignore": list(self.ignore),
-            "kv_cache_scheme": None, "moe_sparsity_config": None, "quant_method": METHOD,
-            "quantization_status": STATUS_COMPRESSED, "sparsity_config": {}, "transform_config": {},
-            "version": FORMAT_VERSION,
-        }

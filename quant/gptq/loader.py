@@ -1,4 +1,4 @@
-"""GPTQ checkpoints (AutoGPTQ, GPTQModel, transformers/optimum, TGI): loader and packer.
+"""GPTQ checkpoints (AutoGPTQ, GPTQModel, transformers/optimum, TGI): the loader.
 
 Stored per layer (K in-features, N out-features, G = K / group_size groups, b bits):
     qweight int32 [packed(K, b), N]  codes packed along K (3-bit: 32 codes in 3 words)
@@ -12,9 +12,8 @@ rows do not start on a group boundary or act-order is on, an explicit g_idx.
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -23,70 +22,22 @@ from kernels.layouts import GPTQLayout
 from kernels.packing import pack_int32, unpack_int32
 from parallel.sharding import (Axis, Groups, LinearShard, Role, TensorSource, local_group_ids, read_shard,
                                tensor_name, trivial_group_ids)
-from quant.base import KernelLinear, Packer, PackedLinear, QuantConfigError, WeightsLoader, register
-from quant.gptq_common import (PACKED_BITS, check_group_size, check_stored, config_bool, config_field, config_int,
-                               dense_if_unquantized, effective_group_size, read_whole)
-from quant.gptq_zeros import FORMATS, V1, V2, ZeroDecision, decide, overflow_message, overflowed_fields
+from quant.base import KernelLinear, PackedLinear, QuantConfigError, WeightsLoader, register
+from quant.common.packed_layers import check_group_size, check_stored, dense_if_unquantized, effective_group_size, \
+    read_whole
+from quant.gptq.config import GPTQParams, check_bits
+from quant.gptq.zeros import V1, V2, ZeroDecision, decide, overflow_message, overflowed_fields
 
 logger = logging.getLogger(__name__)
 
 SCALES = Role("scales", (Axis.G, Axis.N))
 G_IDX = Role("g_idx", (Axis.K,), group_ids=True)
-# Formats that GPTQModel/vLLM repack GPTQ into for other kernels: not this layout.
-_REPACKED = ("marlin", "gptq_marlin", "bitblas", "ipex", "exllama", "awq")
-
-
 def qweight_role(bits: int) -> Role:
     return Role("qweight", (Axis.K, Axis.N), packed_dim=0, bits=bits)
 
 
 def qzeros_role(bits: int) -> Role:
     return Role("qzeros", (Axis.G, Axis.N), packed_dim=1, bits=bits)
-
-
-@dataclass(frozen=True)
-class GPTQParams:
-    """A GPTQ quantization_config; None where the config is silent (resolved at first load)."""
-
-    bits: int | None
-    group_size: int | None
-    sym: bool | None
-    checkpoint_format: str | None
-    desc_act: bool | None
-
-    @classmethod
-    def parse(cls, config: dict[str, Any]) -> "GPTQParams":
-        bits = config_int(config, ("bits", "w_bit"), None, "gptq")
-        if bits is not None:
-            check_bits(bits)
-        group_size = config_int(config, ("group_size", "groupsize"), None, "gptq")
-        if group_size is not None:
-            check_group_size(group_size, "gptq")
-        if config.get("is_marlin_format"):
-            raise QuantConfigError("gptq quantization_config has is_marlin_format=true: Marlin-repacked GPTQ "
-                                   "checkpoints are not supported; use the original GPTQ checkpoint")
-        fmt = config_field(config, ("checkpoint_format", "format"))
-        if fmt is not None:
-            if not isinstance(fmt, str) or fmt.lower() not in FORMATS:
-                extra = " (repacked for another kernel)" if str(fmt).lower() in _REPACKED else ""
-                raise QuantConfigError(f"gptq quantization_config field checkpoint_format={fmt!r}{extra} is not "
-                                       f"supported; supported: {', '.join(FORMATS)}")
-            fmt = fmt.lower()
-        pack_dtype = config.get("pack_dtype")
-        if pack_dtype not in (None, "int32", "torch.int32"):
-            raise QuantConfigError(f"gptq quantization_config field pack_dtype={pack_dtype!r} is not supported; "
-                                   f"supported: int32")
-        if config.get("dynamic"):
-            logger.warning("gptq quantization_config has per-module 'dynamic' overrides; qshard reads every layer "
-                           "with the global bits/group_size (mismatching layers fail their shape check)")
-        return cls(bits, group_size, config_bool(config, ("sym",), "gptq"), fmt,
-                   config_bool(config, ("desc_act",), "gptq"))
-
-
-def check_bits(bits: int) -> None:
-    if bits not in PACKED_BITS:
-        raise QuantConfigError(f"gptq quantization_config field bits={bits} is not supported; "
-                               f"supported: {', '.join(map(str, PACKED_BITS))}")
 
 
 def _tensor_scalar(weights: TensorSource, name: str) -> int:
@@ -261,63 +212,3 @@ class GPTQLoader(WeightsLoader):
         if key not in self._logged:
             self._logged.add(key)
             logger.log(level, msg, *args)
-
-
-class GPTQPacker(Packer):
-    """Writes GPTQ layers: v2 (true zeros) for any quantization; v1 (z - 1) only when symmetric."""
-
-    method = "gptq"
-
-    def __init__(self, bits: int = 4, group_size: int = 128, sym: bool = True, checkpoint_format: str = V1,
-                 desc_act: bool | None = None, damp_percent: float = 0.01, true_sequential: bool = True):
-        check_bits(bits)
-        check_group_size(group_size, "gptq")
-        if checkpoint_format not in FORMATS:
-            raise QuantConfigError(f"checkpoint_format {checkpoint_format!r} is not one of {FORMATS}")
-        if checkpoint_format == V1 and not sym:
-            raise QuantConfigError("GPTQ v1 (checkpoint_format 'gptq') stores zero points as z - 1 and cannot hold the "
-                             "z = 0 of asymmetric quantization (the asymmetric v1 packing bug: -1 wraps to 2^bits - 1 "
-                             "and corrupts its word); write checkpoint_format 'gptq_v2' or quantize with sym=True")
-        self.bits, self.group_size, self.sym = bits, group_size, sym
-        self.checkpoint_format = checkpoint_format
-        self.desc_act = desc_act
-        self.damp_percent, self.true_sequential = damp_percent, true_sequential
-        self._saw_act_order = False
-
-    def pack(self, prefix: str, result, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        n, k = result.codes.shape
-        want_group = k if self.group_size == -1 else self.group_size
-        if (result.bits, result.sym, result.group_size) != (self.bits, self.sym, want_group):
-            raise QuantConfigError(f"{prefix}: quantized with bits={result.bits}, sym={result.sym}, group_size="
-                             f"{result.group_size} but the packer writes bits={self.bits}, sym={self.sym}, "
-                             f"group_size={want_group}")
-        zeros = result.zeros.T.contiguous()  # [G, N] true zero points
-        if self.checkpoint_format == V1:
-            if bool((zeros < 1).any()):
-                raise QuantConfigError(f"{prefix}: a zero point of 0 cannot be written as GPTQ v1 (z - 1 = -1)")
-            zeros = zeros - 1
-        self._saw_act_order |= not result.has_trivial_g_idx
-        return {
-            f"{prefix}.qweight": pack_int32(result.codes.T, self.bits, 0),
-            f"{prefix}.qzeros": pack_int32(zeros, self.bits, 1),
-            f"{prefix}.scales": result.scales.T.to(dtype).contiguous(),
-            f"{prefix}.g_idx": result.g_idx.to(torch.int32).contiguous(),
-        }
-
-    def _desc_act(self) -> bool:
-        return self._saw_act_order if self.desc_act is None else self.desc_act
-
-    def quantization_config(self) -> dict[str, Any]:
-        """As transformers' GPTQConfig writes it (format and its legacy name checkpoint_format)."""
-        return {"quant_method": "gptq", "bits": self.bits, "group_size": self.group_size,
-                "damp_percent": self.damp_percent, "desc_act": self._desc_act(), "sym": self.sym,
-                "true_sequential": self.true_sequential, "format": self.checkpoint_format,
-                "checkpoint_format": self.checkpoint_format, "meta": {"quantizer": ["qshard"]}}
-
-    def extra_files(self) -> list[tuple[str, str]]:
-        """quantize_config.json as AutoGPTQ / GPTQModel write it beside config.json."""
-        config = {"bits": self.bits, "group_size": self.group_size, "damp_percent": self.damp_percent,
-                  "desc_act": self._desc_act(), "static_groups": False, "sym": self.sym,
-                  "true_sequential": self.true_sequential, "model_name_or_path": None, "model_file_base_name": None,
-                  "quant_method": "gptq", "checkpoint_format": self.checkpoint_format}
-        return [("quantize_config.json", json.dumps(config, indent=2))]

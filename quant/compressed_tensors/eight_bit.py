@@ -23,8 +23,8 @@ import torch
 from kernels.layouts import FP8Layout, Int8Layout
 from parallel.sharding import LinearShard, TensorSource
 from quant.base import KernelLinear, PackedLinear, QuantConfigError
-from quant.compressed_tensors_scheme import FormatHandler, Scheme, TensorArgs, register_format
-from quant.w8_common import FLOAT8, read_scales, read_weight
+from quant.compressed_tensors.scheme import FormatHandler, Scheme, TensorArgs, register_format
+from quant.common.scaled_8bit import FLOAT8, read_scales, read_weight
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import torch
 
 from parallel.sharding import Axis, LinearShard, Role, TensorSource, logical_length, read_shard, tensor_name
 from quant.base import PackedLinear, QuantConfigError
-from quant.unquantized import load_dense
+from quant.common.dense import load_dense
 
 WEIGHT = Role("weight", (Axis.N, Axis.K))
 SCALE_ROLES = {  # stored rank -> role; which fits is decided by the stored shape (`_scale_role`)

@@ -25,8 +25,8 @@ import torch
 from kernels.layouts import Int8Layout
 from parallel.sharding import LinearShard, TensorSource, read_shard, tensor_name
 from quant.base import KernelLinear, PackedLinear, QuantConfigError, WeightsLoader, register
-from quant.w8_common import WEIGHT, is_ignored
-from quant.unquantized import load_dense
+from quant.common.scaled_8bit import WEIGHT, is_ignored
+from quant.common.dense import load_dense
 
 METHOD = "eetq"
 INT8_MAX = 127

@@ -27,8 +27,8 @@ from typing import Any
 from kernels.layouts import FP8Layout
 from parallel.sharding import Axis, LinearShard, Role, TensorSource, tensor_name
 from quant.base import KernelLinear, PackedLinear, QuantConfigError, WeightsLoader, register
-from quant.gptq_common import config_field
-from quant.w8_common import FLOAT8, dense_or_none, read_scales, read_weight
+from quant.common.config_fields import config_field
+from quant.common.scaled_8bit import FLOAT8, dense_or_none, read_scales, read_weight
 
 logger = logging.getLogger(__name__)
 

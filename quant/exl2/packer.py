@@ -1,6 +1,6 @@
 """Writing exl2 layers: `Exl2Layer` (a layer in exl2's own terms), `exl2_quantize` (round-to-nearest
 with exllamav2's scale search and bit-width split, no calibration) and `Exl2Packer` for
-`quant.export`. The tensors follow quant.exl2_format; `pack_layer` reproduces exllamav2 0.3.2's
+`quant.export`. The tensors follow quant.exl2.format; `pack_layer` reproduces exllamav2 0.3.2's
 `AdaptiveGPTQ.pack` byte for byte (checked in tests/quant/test_exl2.py).
 """
 
@@ -14,7 +14,7 @@ import torch
 
 from kernels.packing import pack_int32
 from quant.base import Packer
-from quant.exl2_format import EXL2_BITS, SCALE_BITS, padded_columns
+from quant.exl2.format import EXL2_BITS, SCALE_BITS, padded_columns
 
 FORMAT_VERSION = "0.3.2"  # the exllamav2 release whose layout this writes
 SCALE_CODES = 1 << SCALE_BITS  # qs + 1 in 1..16
@@ -160,7 +160,7 @@ class Exl2Packer(Packer):
     def pack(self, prefix: str, result, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         if not isinstance(result, Exl2Layer):
             raise ValueError(f"{prefix}: exl2 stores its own scales (4-bit per column times an fp16 maximum per "
-                             f"group), so it packs an Exl2Layer from quant.exl2_pack.exl2_quantize, not a "
+                             f"group), so it packs an Exl2Layer from quant.exl2.packer.exl2_quantize, not a "
                              f"{type(result).__name__}")
         n = result.codes.shape[1]
         self._bits += sum(b * r for b, r in zip(result.bits, result.rows)) * n

@@ -1,14 +1,14 @@
-"""Plain floating-point weights: nn.Linear's [out, in] matrix, sliced per rank."""
+"""Plain floating-point weights: nn.Linear's [out, in] matrix, sliced per rank. The unquantized
+format's loader uses it, and every quantized format for the layers it leaves in float (lm_head,
+ignored modules)."""
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from parallel.sharding import Axis, LinearShard, Role, TensorSource, read_shard
-from quant.base import PackedLinear, WeightsLoader, register
+from quant.base import PackedLinear
 
 WEIGHT = Role("weight", (Axis.N, Axis.K))
 
@@ -25,18 +25,6 @@ class DenseLinear(PackedLinear):
         return self.weight.float()
 
 
-@register("none")
-class UnquantizedLoader(WeightsLoader):
-    method = "none"
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "UnquantizedLoader":
-        return cls()
-
-    def load_linear(self, weights: TensorSource, shard: LinearShard) -> PackedLinear:
-        return DenseLinear(read_shard(weights, WEIGHT, shard))
-
-
 def load_dense(weights: TensorSource, shard: LinearShard) -> DenseLinear:
-    """Quantized formats use this for layers they leave in float (lm_head, ignored modules)."""
+    """The rank's slice of a float layer."""
     return DenseLinear(read_shard(weights, WEIGHT, shard))

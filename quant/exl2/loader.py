@@ -1,5 +1,5 @@
-"""exl2 checkpoints (exllamav2, `quant_method: "exl2"`): the loader. Tensors: quant.exl2_format;
-writer and quantizer: quant.exl2_pack.
+"""exl2 checkpoints (exllamav2, `quant_method: "exl2"`): the loader. Tensors: quant.exl2.format;
+writer and quantizer: quant.exl2.packer.
 
 Sharding, through the rules table (`logical_ranges` over parallel.sharding.CUTS) like GPTQ:
 - column-parallel: the rank's blocks of N are columns of q_weight (and 4-bit words of q_scale,
@@ -38,9 +38,10 @@ from kernels.layouts import GPTQLayout
 from kernels.packing import pack_int32, run_shape
 from parallel.sharding import Axis, LinearShard, TensorSource, logical_length, logical_ranges, tensor_name
 from quant.base import KernelLinear, PackedLinear, QuantConfigError, WeightsLoader, register
-from quant.exl2_format import (SCALE_BITS, Exl2FormatError, GroupTable, check_permutation, decode_rows,
+from quant.exl2.format import (SCALE_BITS, Exl2FormatError, GroupTable, check_permutation, decode_rows,
                                layout_width, padded_columns, scales_from)
-from quant.gptq_common import config_field, dense_if_unquantized, read_whole
+from quant.common.config_fields import config_field
+from quant.common.packed_layers import dense_if_unquantized, read_whole
 
 logger = logging.getLogger(__name__)
 

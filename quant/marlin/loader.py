@@ -1,7 +1,7 @@
 """Marlin-format checkpoints (`quant_method: "marlin"`, IST-DASLab marlin's packing, served by TGI
-and vLLM): loader and packer.
+and vLLM): the loader.
 
-Stored per layer (see quant.marlin_layout): `B` int32 [K/16, 2N], the tiled and shuffled 4-bit
+Stored per layer (see quant.marlin.layout): `B` int32 [K/16, 2N], the tiled and shuffled 4-bit
 codes, and `s` float [G, N], shuffled scales, G = K/128 or 1; symmetric, w = (q - 8) * s; no
 g_idx, no zero points. The group size is 128 or -1 (one group), taken from the config when it says
 and checked against each layer's `s` (TGI infers it from `s` alone).
@@ -26,10 +26,11 @@ from kernels.layouts import GPTQLayout
 from kernels.packing import pack_int32
 from parallel.sharding import Axis, Groups, LinearShard, TensorSource, local_group_ids, logical_length, \
     logical_ranges, tensor_name
-from quant.base import KernelLinear, Packer, PackedLinear, QuantConfigError, WeightsLoader, register
-from quant.gptq_common import config_bool, config_field, config_int, dense_if_unquantized
-from quant.marlin_layout import (BITS, CHUNK_N, GROUP_SIZES, TILE_K, WORDS_PER_COLUMN, ZERO, check_shape,
-                                 decode_codes, decode_scales, encode_codes, encode_scales)
+from quant.base import KernelLinear, PackedLinear, QuantConfigError, WeightsLoader, register
+from quant.common.config_fields import config_bool, config_field, config_int
+from quant.common.packed_layers import dense_if_unquantized
+from quant.marlin.layout import (BITS, CHUNK_N, GROUP_SIZES, TILE_K, WORDS_PER_COLUMN, ZERO, check_shape,
+                                 decode_codes, decode_scales)
 
 logger = logging.getLogger(__name__)
 
@@ -140,34 +141,3 @@ def _read_source(weights: TensorSource, shard: LinearShard, src: str,
         s_box = weights.read(s_name, (slice(g0, g1), slice(c0 * CHUNK_N, c1 * CHUNK_N)))
         scales.append(decode_scales(s_box, n_groups == 1)[:, cols])
     return torch.cat(codes, 1), torch.cat(scales, 1)
-
-
-class MarlinPacker(Packer):
-    """Writes Marlin layers (B, s) from symmetric 4-bit results with group size 128 or -1."""
-
-    method = METHOD
-
-    def __init__(self, group_size: int = 128):
-        if group_size not in GROUP_SIZES:
-            raise QuantConfigError(f"Marlin stores group_size 128 or -1, not {group_size}")
-        self.group_size = group_size
-
-    def pack(self, prefix: str, result, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        n, k = result.codes.shape
-        want_group = k if self.group_size == -1 else self.group_size
-        if (result.bits, result.sym, result.group_size) != (BITS, True, want_group):
-            raise QuantConfigError(f"{prefix}: quantized with bits={result.bits}, sym={result.sym}, group_size="
-                             f"{result.group_size} but Marlin stores bits=4, sym=True, group_size={want_group}")
-        if not result.has_trivial_g_idx:
-            raise QuantConfigError(f"{prefix}: act-order (a permuted g_idx) cannot be written as Marlin, which has no g_idx")
-        if not bool((result.zeros == ZERO).all()):
-            raise QuantConfigError(f"{prefix}: Marlin's zero point is {ZERO}; the result has others")
-        check_shape(k, n, prefix)
-        if k % want_group:
-            raise QuantConfigError(f"{prefix}: group_size {want_group} does not divide in_features={k}")
-        return {f"{prefix}.B": encode_codes(result.codes.T.contiguous()),
-                f"{prefix}.s": encode_scales(result.scales.T.to(dtype).contiguous())}
-
-    def quantization_config(self) -> dict[str, Any]:
-        """What vLLM's MarlinConfig reads (group_size, lm_head) and TGI's quant_method."""
-        return {"quant_method": METHOD, "bits": BITS, "group_size": self.group_size, "lm_head": False}

@@ -1,0 +1,1 @@
+"""int8 weight-only, EETQ style (quantized at load): `loader`."""

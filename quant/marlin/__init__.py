@@ -1,0 +1,2 @@
+"""Marlin (IST-DASLab packing): `layout` (its tiles and shuffles), `loader` (reading, per rank),
+`packer` (writing; never imported by the loader)."""

@@ -1,0 +1,1 @@
+"""Unquantized (float) checkpoints: `loader` reads them (quant.registry's "none")."""
