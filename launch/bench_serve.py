@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 from kernels.errors import InputError
+from launch.bench_prompts import LENGTHS_WORDS
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model name (default: the first /v1/models lists)")
     p.add_argument("--api-key", default=None, help="the server's API key (default: $QSHARD_API_KEY)")
     p.add_argument("--seed", type=int, default=0, help="which prompts (random.Random(seed) windows)")
+    p.add_argument("--prompt-words", default=",".join(map(str, LENGTHS_WORDS)),
+                   help="prompt lengths in words, cycled through (default %(default)s)")
     p.add_argument("--ignore-eos", action="store_true", help="every request generates max_tokens")
     p.add_argument("--json", default=None, help="also write the results to this file")
 
@@ -65,6 +68,12 @@ def check_arguments(args) -> None:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if not args.max_seconds > 0:
         raise InputError(f"--max-seconds must be > 0, got {args.max_seconds}")
+    try:
+        args.lengths = tuple(int(x) for x in str(args.prompt_words).split(",") if x.strip())
+    except ValueError:
+        args.lengths = ()
+    if not args.lengths or min(args.lengths) < 1:
+        raise InputError(f"--prompt-words takes comma-separated positive integers, got {args.prompt_words!r}")
     if not args.url.startswith(("http://", "https://")):
         raise InputError(f"--url must be an http:// or https:// address, got {args.url!r}")
 
@@ -183,7 +192,7 @@ def run(args) -> int:
     if models.status_code != 200:
         raise InputError(f"{args.url}/v1/models answered {models.status_code}: {models.text[:200]}")
     model = args.model or models.json()["data"][0]["id"]
-    prompts = mixed_prompts(args.requests, args.seed)
+    prompts = mixed_prompts(args.requests, args.seed, args.lengths)
     logger.info("bench serve: %d requests, %d clients, at most %.0f s, against %s (%s)", args.requests, args.clients,
                 args.max_seconds, args.url, model)
     results, elapsed, sent = asyncio.run(_bench(args, prompts, model, headers))

@@ -4,7 +4,8 @@ schema, and the response bodies (plain dicts, built here so that app.py only rou
 Fields OpenAI has and qshard cannot honour (`suffix`, `best_of` > 1, `logit_bias`, tools) are
 refused with a 400 naming them rather than ignored; unknown fields are ignored, as vLLM does.
 Beyond OpenAI's fields the requests take vLLM's sampling extras: top_k, min_p,
-repetition_penalty, stop_token_ids, ignore_eos.
+repetition_penalty, stop_token_ids, ignore_eos, include_stop_str_in_output. `n` completions are
+n engine requests (seed, when given, + i for completion i).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class _Sampling(BaseModel):
     stop: StrictStr | list[StrictStr] | None = None
     stop_token_ids: list[StrictInt] | None = None
     ignore_eos: StrictBool = False
+    include_stop_str_in_output: StrictBool = False
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0)
@@ -144,6 +146,11 @@ def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None, seed:
     for name, default in (("temperature", 1.0), ("top_p", 1.0), ("top_k", -1), ("min_p", 0.0)):
         value = getattr(req, name)
         values[name] = default if value is None else value
+    if req.include_stop_str_in_output:
+        if "include_stop_str_in_output" not in _FIELDS:
+            raise ApiError(400, "include_stop_str_in_output is not supported by this engine",
+                           "include_stop_str_in_output")
+        values["include_stop_str_in_output"] = True
     for name, off in _OPTIONAL.items():
         value = getattr(req, name)
         if value is None or value == off:

@@ -60,20 +60,23 @@ class Server:
         return out
 
 
-def start_server(log_dir: Path, *args: str, timeout_s: float = 240, cwd: Path | None = None,
-                 command: list[str] | None = None) -> Server:
-    """`qshard serve --model default ... --port P` (or `command` + --port P); returns once /health is ok."""
+def launch_server(log_dir: Path, *args: str, cwd: Path | None = None, command: list[str] | None = None) -> Server:
+    """Start `qshard serve --model default ... --port P` (or `command` + --port P); not waited for."""
     port = free_port()
     log = log_dir / f"serve-{port}.log"
     cmd = (command or [str(BIN / "qshard"), "serve", "--model", "default"]) + ["--port", str(port), *args]
     with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=child_env(), cwd=cwd or REPO,
                                 start_new_session=True)
-    server = Server(f"http://127.0.0.1:{port}", proc, log, "")
+    return Server(f"http://127.0.0.1:{port}", proc, log, "")
+
+
+def wait_ready(server: Server, timeout_s: float = 300) -> Server:
+    """Once /health answers 200 (the model name from /v1/models); stops the server on failure."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"qshard serve exited with {proc.returncode}:\n{server.log_tail()}")
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"qshard serve exited with {server.proc.returncode}:\n{server.log_tail()}")
         try:
             if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
                 server.model = httpx.get(f"{server.url}/v1/models", timeout=5,
@@ -84,6 +87,11 @@ def start_server(log_dir: Path, *args: str, timeout_s: float = 240, cwd: Path | 
         time.sleep(0.3)
     stop_server(server)
     raise RuntimeError(f"qshard serve did not come up in {timeout_s:.0f} s:\n{server.log_tail()}")
+
+
+def start_server(log_dir: Path, *args: str, timeout_s: float = 300, cwd: Path | None = None,
+                 command: list[str] | None = None) -> Server:
+    return wait_ready(launch_server(log_dir, *args, cwd=cwd, command=command), timeout_s)
 
 
 def descendants(pid: int) -> list[int]:

@@ -16,7 +16,8 @@ import httpx
 import pytest
 
 from tests.launch.conftest import BIN, PROMPTS, child_env
-from tests.launch.server_helpers import API_KEY, CHAT, MAX_TOKENS, llm_reference, start_server, stop_server
+from tests.launch.server_helpers import (API_KEY, CHAT, MAX_TOKENS, launch_server, llm_reference, stop_server,
+                                         wait_ready)
 
 pytestmark = pytest.mark.slow
 
@@ -24,19 +25,28 @@ MAX_MODEL_LEN = 1024
 
 
 @pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    s = start_server(tmp_path_factory.mktemp("serve-tp1"), "--executor", "uni", "--dtype", "float32",
-                     "--api-key", API_KEY, "--max-model-len", str(MAX_MODEL_LEN))
-    yield s
-    code, left = stop_server(s)
+def served(model_dir, tmp_path_factory):
+    """The server, and LLM.generate / LLM.chat's texts computed while it loads."""
+    s = launch_server(tmp_path_factory.mktemp("serve-tp1"), "--executor", "uni", "--dtype", "float32",
+                      "--api-key", API_KEY, "--max-model-len", str(MAX_MODEL_LEN))
+    try:
+        texts, chat, _, _ = llm_reference(model_dir)
+        wait_ready(s)
+        yield s, (texts, chat)
+    finally:
+        code, left = stop_server(s)
     assert code == 0 and not left, f"exit {code}, left {left}:\n{s.log_tail()}"
     assert "Traceback" not in s.log.read_text(), s.log_tail()
 
 
 @pytest.fixture(scope="module")
-def expected(model_dir):
-    texts, chat, _, _ = llm_reference(model_dir)
-    return texts, chat
+def server(served):
+    return served[0]
+
+
+@pytest.fixture(scope="module")
+def expected(served):
+    return served[1]
 
 
 def _stream_text(stream, chat: bool) -> tuple[str, str | None, object]:
@@ -71,11 +81,35 @@ def test_completions_and_chat_equal_llm_generate(server, expected):
     assert [m.id for m in client.models.list().data] == [server.model]
 
 
+def test_n_logprobs_and_stop_through_the_api(server, expected):
+    texts, _ = expected
+    client = server.client()
+    got = client.completions.create(model=server.model, prompt=PROMPTS[0], max_tokens=6, temperature=0, n=2,
+                                    logprobs=2)
+    assert sorted(c.index for c in got.choices) == [0, 1]
+    assert all(c.text == texts[0][:len(c.text)] and c.text for c in got.choices)  # greedy: a prefix of 12 tokens'
+    lp = got.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
+    assert all(x <= 0 for x in lp.token_logprobs) and all(1 <= len(t) <= 3 for t in lp.top_logprobs)
+    assert "".join(lp.tokens) == got.choices[0].text
+    assert got.usage.completion_tokens == 12
+    reply = client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=5, temperature=0,
+                                           logprobs=True, top_logprobs=2)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens and all(len(c.top_logprobs) == 2 for c in content)
+    assert all(c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob for c in content)
+    stop_at = texts[0].split()[1]  # a word the greedy answer contains
+    cut = client.completions.create(model=server.model, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0,
+                                    stop=[stop_at])
+    assert cut.choices[0].finish_reason == "stop" and texts[0].startswith(cut.choices[0].text)
+    assert stop_at not in cut.choices[0].text
+
+
 # mixed lengths: 8 prompts from 4 to ~120 tokens, 8 clients each
 MIXED = ["Hello", "The capital of France is", "def fibonacci(n):",
          "Write a haiku about the sea. " * 3, "List three colours: red,",
-         "In 1492, Columbus " + "sailed the ocean blue and " * 6,
-         "Once upon a time, " * 12, "Q: what is 2 + 2?\nA:"]
+         "In 1492, Columbus " + "sailed the ocean blue and " * 4,
+         "Once upon a time, " * 8, "Q: what is 2 + 2?\nA:"]
 
 
 def test_64_concurrent_streams_each_equal_their_prompt_alone(server):
@@ -266,7 +300,8 @@ def test_metrics_count_what_was_served(server):
 
 def test_bench_serve_against_the_server(server):
     proc = subprocess.run([str(BIN / "qshard"), "bench", "serve", "--url", server.url, "--clients", "3",
-                           "--requests", "6", "--max-seconds", "60", "--max-tokens", "8", "--api-key", API_KEY],
+                           "--requests", "6", "--max-seconds", "60", "--max-tokens", "8", "--prompt-words", "8,24,64",
+                           "--api-key", API_KEY],
                           capture_output=True, text=True, timeout=120, env=child_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
