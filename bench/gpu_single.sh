@@ -14,6 +14,7 @@
 #   TESTS, JOBS    the tests step's pytest selection (tests/kernels); compile processes and pytest-xdist
 #                  workers (14; xdist is used when installed or its wheels are in build/whl)
 #   MODELS, MAIN_FORMAT, MORE_FORMATS   kernel shapes and formats (llama-2-7b; gptq4; gptq4-act awq4 int8 fp8)
+#   KERNEL_MS      the kernel steps' batch rows (1 2 4 ... 256)
 #   GRAPH_BATCHES  decode batch sizes (1,2,4,...,64); ENGINE_DEBUG=1 adds an in-process run with tracebacks
 #   DEADLINE       seconds after which steps are skipped (575: one part per 10-min run); PY (python3)
 #   TINY=1         the same steps at toy sizes on CPU (Triton's interpreter), to check the script
@@ -51,7 +52,7 @@ if [ "$TINY" = 1 ]; then
 else
   shape=llama-2-7b; device=cuda; batches=1,2,4,8,16,32,64; lens="--input-len 128 --output-len 128"
   kernel_args=(--device cuda --models $MODELS)
-  ms=(1 2 4 8 16 32 64 128 256)
+  ms=(${KERNEL_MS:-1 2 4 8 16 32 64 128 256})
   tests=(${TESTS:-tests/kernels})  # e.g. TESTS="tests/kernels --ignore=tests/kernels/test_cpu_amx.py"
   step nvidia-smi
 fi
@@ -73,11 +74,11 @@ fi
 # 2. the kernels against the copy bandwidth and bf16 F.linear, measured in the same run
 if want kernels; then
   warm --models $MODELS --formats $MAIN_FORMAT --m "${ms[@]}"
-  tstep 240 $PY -m launch.cli bench kernels "${kernel_args[@]}" --formats $MAIN_FORMAT \
+  tstep 240 $PY -m launch.cli bench kernels "${kernel_args[@]}" --formats $MAIN_FORMAT --m "${ms[@]}" \
     --json "$OUT/kernels-bf16-$MAIN_FORMAT.json"
   if [ -n "$MORE_FORMATS" ]; then
     warm --models $MODELS --formats $MORE_FORMATS --m "${ms[@]}"
-    tstep 300 $PY -m launch.cli bench kernels "${kernel_args[@]}" --formats $MORE_FORMATS \
+    tstep 300 $PY -m launch.cli bench kernels "${kernel_args[@]}" --formats $MORE_FORMATS --m "${ms[@]}" \
       --json "$OUT/kernels-bf16-more.json"
   fi
 fi

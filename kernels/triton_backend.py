@@ -170,6 +170,9 @@ class TritonWeight(PreparedWeight):
             if not triton_configs.is_valid(cfg, s.per_word):
                 raise ValueError(f"{cfg} is not valid for {s}")
             scale_mode, group_size = self._scale_mode(cfg)
+            magic = bool(cfg.magic_asm and magic_asm_applies(cfg, s, scale_mode, dtype))
+            if cfg.joined and not magic:
+                raise ValueError(f"{cfg}: joined slices need the lop3 unpack, which does not apply to {s}")
             weight_kind = {"kpack": tk.KPACK, "kpack_stream": tk.KPACK_STREAM, "awq": tk.NPACK_AWQ,
                            "dense": tk.DENSE}
             scale_kind = {"channel": tk.SCALE_CHANNEL, "tensor": tk.SCALE_TENSOR, "group": tk.SCALE_GROUP,
@@ -183,13 +186,17 @@ class TritonWeight(PreparedWeight):
                 EVEN=N % cfg.block_n == 0 and K % cfg.block_k == 0,
                 LOW_MAGIC=(not cfg.use_dot and dtype != torch.float32 and scale_mode == "group"
                            and s.weight != "dense"),
-                MAGIC_ASM=bool(cfg.magic_asm and magic_asm_applies(cfg, s, scale_mode, dtype, tk.INTERPRET)),
+                MAGIC_ASM=magic,
+                JOINED=cfg.joined,
                 PERM=s.has_perm,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return self._specialised[key]
 
     def _launch(self, x: torch.Tensor, y: torch.Tensor, cfg: KernelConfig) -> None:
+        if cfg.dequant_mm:
+            torch.mm(x, self.dense_weight(x.dtype, cfg).T, out=y)
+            return
         constexprs = self._constexprs(cfg, x.dtype)
         M, N, K = x.shape[0], self.out_features, self.in_features
         tiles = -(-M // cfg.block_m) * -(-N // cfg.block_n)
@@ -204,6 +211,26 @@ class TritonWeight(PreparedWeight):
             zeros.stride(0) if self.zeros is not None else 0,
             **constexprs,
         )
+
+    def dense_weight(self, dtype: torch.dtype, cfg: KernelConfig) -> torch.Tensor:
+        """The weight [N, K] in `dtype`, by one Triton launch (K-packed codes only): per call, never kept,
+        so a rank's weights stay packed in memory."""
+        s, N, K = self.spec, self.out_features, self.in_features
+        if s.weight != "kpack":
+            raise ValueError(f"dense_weight needs K-packed codes, not {s.weight}")
+        out = torch.empty(N, K, dtype=dtype, device=self.qweight.device)
+        tk, dummy = triton_kernels(), self.qweight
+        group_size = 0 if self.g_idx is not None else s.group_size  # SINGLE_GROUP: first_group everywhere
+        grid = (-(-K // cfg.block_k), -(-N // cfg.block_n))
+        tk.dequantize_kernel[grid](
+            self.qweight, self.scales, self.zeros if self.zeros is not None else dummy,
+            self.g_idx if self.g_idx is not None else dummy, self.perm if self.perm is not None else dummy, out,
+            N, K, self.first_group, self.qweight.stride(0), self.scales.stride(0),
+            self.zeros.stride(0) if self.zeros is not None else 0, out.stride(0),
+            BITS=s.bits, ZEROS=(tk.ZERO_TABLE if self.zeros is not None else tk.ZERO_CONST).value,
+            GROUP_SIZE=group_size, PERM=self.perm is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            num_warps=4)
+        return out
 
     # ---- rebuilding the weight from the buffers ----
     def dequantize(self) -> torch.Tensor:
@@ -229,12 +256,11 @@ class TritonWeight(PreparedWeight):
         return w.T.contiguous()
 
 
-def magic_asm_applies(cfg: KernelConfig, spec: KernelSpec, scale_mode: str, dtype: torch.dtype,
-                      interpreted: bool) -> bool:
-    """Whether the kernel's lop3/packed-fma 4-bit unpack (triton_kernels, MAGIC_ASM) serves this call:
-    compiled (the interpreter runs no PTX), a 16-bit dot over 4-bit K-packed words peeled code by code,
+def magic_asm_applies(cfg: KernelConfig, spec: KernelSpec, scale_mode: str, dtype: torch.dtype) -> bool:
+    """Whether the kernel's lop3/packed-fma 4-bit unpack (triton_kernels, MAGIC_ASM; emulated when
+    interpreted) serves this call: a 16-bit dot over 4-bit K-packed words peeled code by code,
     block-wide group scales and zero points in [0, 16)."""
-    return (not interpreted and cfg.use_dot and dtype in (torch.float16, torch.bfloat16) and spec.weight == "kpack"
+    return (cfg.use_dot and dtype in (torch.float16, torch.bfloat16) and spec.weight == "kpack"
             and spec.bits == 4 and not cfg.interleave and scale_mode == "group" and spec.zeros in ("const", "table"))
 
 

@@ -34,6 +34,8 @@ class KernelConfig:
     num_stages: int = 3
     interleave: bool = True  # packed-along-K words: unpack whole blocks (True) or one code per word at a time
     magic_asm: bool = True  # where it applies (triton_backend.magic_asm_applies): the lop3 4-bit unpack
+    joined: bool = False  # with the lop3 unpack: the slices joined into one dot over the block (K order)
+    dequant_mm: bool = False  # large M: dequantize the weight once (Triton) and multiply with cuBLAS
 
 
 def m_bucket(M: int) -> int:
@@ -53,6 +55,8 @@ def is_valid(cfg: KernelConfig, per_word: int) -> bool:
     per_word: codes per int32 word for weights packed along K, else 1."""
     if cfg.block_k % per_word:
         return False
+    if cfg.dequant_mm:
+        return per_word > 1
     if not cfg.use_dot:
         return cfg.block_m == 1
     return cfg.block_m >= 16 and cfg.block_n >= 16 and cfg.block_k // slices(cfg, per_word) >= 16
@@ -116,8 +120,12 @@ def candidates(M: int, N: int, K: int, per_word: int, sms: int) -> list[KernelCo
                 cfg = KernelConfig(use_dot, BM, BN, BK, s, warps, stages, interleave)
                 if is_valid(cfg, per_word) and cfg not in out:
                     out.append(cfg)
-    if per_word == 8:  # the same dot tiles without the lop3 unpack, last: the A/B of `bench kernels --sweep`
-        out += [replace(c, magic_asm=False) for c in out if c.use_dot and not c.interleave]
+    if per_word == 8:  # 4-bit: the same lop3 tiles with their slices joined into one dot per block
+        # (without the lop3 unpack, magic_asm=False, the peeled dot tiles were 1.25-1.33x slower at M = 16
+        # on an H200, 2026-12-02: not a candidate)
+        out += [replace(c, joined=True) for c in out if c.use_dot and not c.interleave]
+    if bm >= 128 and per_word > 1:  # prefill-sized M, K-packed codes: dequantize once into a dense
+        out.append(KernelConfig(True, 64, 64, 128, dequant_mm=True))  # weight, then cuBLAS, where that wins
     return out
 
 

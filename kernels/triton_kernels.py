@@ -32,8 +32,9 @@ MAGIC_ASM (compiled CUDA, 4-bit K-packed codes peeled code by code into 16-bit d
 16-bit floats M + code (fp16 M = 1024, bf16 M = 128: exact), and one packed `fma` takes M + zero
 off both: 1.5 instructions per code where shift, mask, magic-or, float subtraction and a float32 →
 16-bit conversion took ~4 (the 4-bit unpack, not DRAM, bounded the dot path). Triton reaches
-neither instruction through its own ops; the interpreter runs the arithmetic path instead, with the
-same values.
+neither instruction through its own ops; the interpreter computes the same values with integer
+arithmetic (EMULATE_ASM), so the slice order is tested on CPU too. JOINED puts the eight slices back in K order (joins and a reshape in registers) for one
+dot over the block and one contiguous x tile, instead of eight 16-deep dots over strided x rows.
 
 Whether kernels are interpreted is fixed when this module is (re)loaded (TRITON_INTERPRET);
 `kernels.triton_backend` reloads it when that setting has changed.
@@ -51,6 +52,7 @@ def interpret_requested() -> bool:
 
 
 INTERPRET = interpret_requested()
+EMULATE_ASM = tl.constexpr(INTERPRET)  # inline PTX cannot run in the interpreter: emulate it
 
 # kernel-side constants must be constexpr globals; the launcher passes their `.value`
 KPACK, KPACK_STREAM, NPACK_AWQ, DENSE = (tl.constexpr(i) for i in range(4))
@@ -142,16 +144,30 @@ mov.b32 {$0, $1}, t;
 
 
 @triton.jit
-def _nibble_pair(words, neg_zero, DTYPE: tl.constexpr):
-    """(code_j - z, code_{j+4} - z) as 16-bit floats from words already shifted right by 4 j.
-    neg_zero: int32 holding -(M + z) twice (fp16 M = 1024, bf16 M = 128), broadcastable to words."""
-    neg_zero = tl.broadcast_to(neg_zero, words.shape)
+def _nibble_pair(words, z, DTYPE: tl.constexpr):
+    """(code_j - z, code_{j+4} - z) as 16-bit floats from words already shifted right by 4 j
+    (nibbles j and j + 4 now at bits 0-3 and 16-19). z: int32 zero points, broadcastable to words.
+    Interpreted (no PTX there), the same values come from plain integer arithmetic."""
+    if EMULATE_ASM:
+        lo = ((words & 0xF) - z).to(tl.float32).to(DTYPE)  # via float32: the interpreter's int → bf16 gives NaN
+        hi = (((words >> 16) & 0xF) - z).to(tl.float32).to(DTYPE)
+        return lo, hi
+    neg_zero = tl.broadcast_to(_neg_magic_zero(z, DTYPE), words.shape)
     if DTYPE == tl.float16:
         return tl.inline_asm_elementwise(_PAIR_ASM_F16, "=h,=h,r,r", [words, neg_zero],
                                          dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
     else:
         return tl.inline_asm_elementwise(_PAIR_ASM_BF16, "=h,=h,r,r", [words, neg_zero],
                                          dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_F32: tl.constexpr):
+    """acc + a @ b: 16-bit tensor cores, or exact float32 (float32 activations; the interpreter, whose
+    bf16 dot is not trustworthy)."""
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -180,7 +196,7 @@ def quant_matmul_kernel(
     WEIGHT: tl.constexpr, BITS: tl.constexpr, SLICES: tl.constexpr,
     SCALES: tl.constexpr, ZEROS: tl.constexpr, ZERO_POINT: tl.constexpr, GROUP_SIZE: tl.constexpr,
     FLOAT_CODES: tl.constexpr, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr,
-    EVEN: tl.constexpr, LOW_MAGIC: tl.constexpr, MAGIC_ASM: tl.constexpr, PERM: tl.constexpr,
+    EVEN: tl.constexpr, LOW_MAGIC: tl.constexpr, MAGIC_ASM: tl.constexpr, JOINED: tl.constexpr, PERM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     SLICE_K: tl.constexpr = BLOCK_K // SLICES
@@ -209,7 +225,7 @@ def quant_matmul_kernel(
         zero_off = MAGIC + ZERO_POINT
         low_zero = LOW_MAGIC_VALUE + ZERO_POINT
         if MAGIC_ASM:
-            neg_zero = _neg_magic_zero(tl.full((BLOCK_N, 1), 1 << (BITS - 1), tl.int32), x_ptr.dtype.element_ty)
+            zero_int = tl.full((BLOCK_N, 1), 1 << (BITS - 1), tl.int32)
 
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if USE_DOT:
@@ -225,14 +241,31 @@ def quant_matmul_kernel(
                 zero_off = _magic_float(z)[:, None]
                 low_zero = (z.to(tl.float32) + LOW_MAGIC_VALUE)[:, None]
                 if MAGIC_ASM:
-                    neg_zero = _neg_magic_zero(z[:, None], x_ptr.dtype.element_ty)
+                    zero_int = z[:, None]
         if WEIGHT == KPACK:
             rows = k0 // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
             words = _load(w_ptr + rows[None, :] * stride_w + offs_n[:, None],
                           n_ok[:, None] & (rows < tl.cdiv(K, PER_WORD))[None, :], 0, MASKED)
-        if MAGIC_ASM:  # 4-bit words, 8 slices: slices j and j + 4 from one lop3 (see module doc)
+        if MAGIC_ASM and JOINED:  # the 8 slices joined back into K order: one dot over the whole block
+            lo0, hi0 = _nibble_pair(words, zero_int, x_ptr.dtype.element_ty)
+            lo1, hi1 = _nibble_pair(words >> 4, zero_int, x_ptr.dtype.element_ty)
+            lo2, hi2 = _nibble_pair(words >> 8, zero_int, x_ptr.dtype.element_ty)
+            lo3, hi3 = _nibble_pair(words >> 12, zero_int, x_ptr.dtype.element_ty)
+            # each join adds a trailing axis; the last join is the fastest: code j = 4 b2 + 2 b1 + b0
+            # sits at [b0][b1][b2] → flat (b2 b1 b0), i.e. row k0 + 8 w + j
+            w = tl.reshape(tl.join(tl.join(tl.join(lo0, hi0), tl.join(lo2, hi2)),
+                                   tl.join(tl.join(lo1, hi1), tl.join(lo3, hi3))), (BLOCK_N, BLOCK_K))
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            xt_ptrs = x_ptr + offs_m[None, :] * stride_xm + _x_columns(ks, p_ptr, k_ok, PERM, MASKED)[:, None]
+            if EVEN:
+                xt = tl.load(xt_ptrs, mask=m_ok[None, :], other=0.0)
+            else:
+                xt = tl.load(xt_ptrs, mask=k_ok[:, None] & m_ok[None, :], other=0.0)
+            part = _dot(w, xt, part, DOT_F32)
+        elif MAGIC_ASM:  # 4-bit words, 8 slices: slices j and j + 4 from one lop3 (see module doc)
             for j in tl.static_range(4):
-                lo, hi = _nibble_pair(words >> (4 * j), neg_zero, x_ptr.dtype.element_ty)
+                lo, hi = _nibble_pair(words >> (4 * j), zero_int, x_ptr.dtype.element_ty)
                 ks = k0 + tl.arange(0, SLICE_K) * 8 + j
                 lo_ok, hi_ok = ks < K, ks + 4 < K
                 x_rows = x_ptr + offs_m[None, :] * stride_xm
@@ -244,8 +277,8 @@ def quant_matmul_kernel(
                 else:
                     x_lo = tl.load(lo_ptrs, mask=lo_ok[:, None] & m_ok[None, :], other=0.0)
                     x_hi = tl.load(hi_ptrs, mask=hi_ok[:, None] & m_ok[None, :], other=0.0)
-                part = tl.dot(lo, x_lo, part)
-                part = tl.dot(hi, x_hi, part)
+                part = _dot(lo, x_lo, part, DOT_F32)
+                part = _dot(hi, x_hi, part, DOT_F32)
         for j in tl.static_range(0 if MAGIC_ASM else SLICES):
             ks = k0 + tl.arange(0, SLICE_K) * SLICES + j
             k_ok = ks < K
@@ -340,3 +373,39 @@ def quant_matmul_kernel(
             tl.store(y_ptr + y_offs, total.to(y_ptr.dtype.element_ty), mask=y_mask)
             tl.store(ws_ptr + ws_offs, tl.zeros_like(out), mask=y_mask)
             tl.atomic_xchg(lock_ptr + tile, 0)
+
+
+@triton.jit
+def dequantize_kernel(
+    w_ptr, s_ptr, z_ptr, g_ptr, p_ptr, out_ptr,
+    N, K, first_group, stride_w, stride_s, stride_z, stride_out,
+    BITS: tl.constexpr, ZEROS: tl.constexpr, GROUP_SIZE: tl.constexpr, PERM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """K-packed codes → the dense weight out[n, k] = (code - zero) * scale in out's dtype, for a
+    cuBLAS matmul at large M (prefill), where one dequantization serves many rows. Act-order rows
+    (sorted at load) go back to their own columns through the permutation: x needs no gather."""
+    PER_WORD: tl.constexpr = 32 // BITS
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    rows = pid_k * (BLOCK_K // PER_WORD) + tl.arange(0, BLOCK_K // PER_WORD)
+    n_ok = offs_n < N
+    k_ok = ks < K
+    words = tl.load(w_ptr + rows[None, :] * stride_w + offs_n[:, None],
+                    mask=n_ok[:, None] & (rows < tl.cdiv(K, PER_WORD))[None, :], other=0)
+    codes = _unpack_words(words, BITS)  # [BLOCK_N, BLOCK_K], column c: row ks[c]
+    if GROUP_SIZE > 0:
+        groups = first_group + ks // GROUP_SIZE
+    else:
+        groups = tl.load(g_ptr + ks, mask=k_ok, other=0)
+    mask = n_ok[:, None] & k_ok[None, :]
+    scales = tl.load(s_ptr + groups[None, :] * stride_s + offs_n[:, None], mask=mask, other=0.0).to(tl.float32)
+    if ZEROS == ZERO_TABLE:
+        zeros = tl.load(z_ptr + groups[None, :] * stride_z + offs_n[:, None], mask=mask, other=0).to(tl.float32)
+    else:
+        zeros = (1 << (BITS - 1)) * 1.0
+    w = (codes.to(tl.float32) - zeros) * scales
+    cols = _x_columns(ks, p_ptr, k_ok, PERM, True)
+    tl.store(out_ptr + offs_n[:, None] * stride_out + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)

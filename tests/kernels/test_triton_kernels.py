@@ -107,32 +107,52 @@ def test_every_kernel_variant(triton_device, case, use_dot, M, unpack):
     _assert_workspace_clean(x.device)
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("M", [1, 5, 16, 33])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("case", ["gptq4-sym-g128", "gptq4-asym-g128-actorder", "gptq4-asym-g128-actorder-even",
                                   "awq-g128-repacked"])
-def test_lop3_unpack_matches_reference(case, dtype, M):
-    """The compiled lop3/packed-fma 4-bit unpack (MAGIC_ASM; the interpreter runs no PTX), split and not."""
+def test_lop3_unpack_matches_reference(triton_device, case, dtype, M):
+    """The lop3/packed-fma 4-bit unpack (MAGIC_ASM: PTX compiled, emulated when interpreted), its
+    slices as eight dots or joined into one, split over K and not."""
     from kernels.triton_backend import magic_asm_applies
     from kernels.triton_configs import KernelConfig
 
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU")
+    if triton_device.type == "cpu" and (M in (5, 16) or case in ("awq-g128-repacked", "gptq4-asym-g128-actorder-even")):
+        pytest.skip("interpreted: a few shapes suffice for the slice order (compiled on CUDA: all)")
     factory, options = CASES[case]
     gen = _generator("lop3", case, dtype, M)
-    layout = make.to_device(factory(gen), "cuda")
+    layout = make.to_device(factory(gen), triton_device)
     prepared = kernels.prepare(layout, dtype, backend="triton", **options)
-    x = torch.randn(M, layout.in_features, generator=gen).to(dtype).cuda()
-    block_k = 128
-    for block_n, split in ((32, 1), (64, 2), (128, 3)):
-        config = KernelConfig(True, 16 if M <= 16 else 32, block_n, block_k, split_k=split, interleave=False)
-        assert magic_asm_applies(config, prepared.spec, prepared._scale_mode(config)[0], dtype, False), config
+    x = torch.randn(M, layout.in_features, generator=gen).to(dtype).to(triton_device)
+    shapes = ((32, 1, False), (64, 2, True)) if triton_device.type == "cpu" else (
+        (32, 1, False), (64, 2, True), (128, 3, False), (64, 1, True), (128, 2, True))
+    for block_n, split, joined in shapes:
+        config = KernelConfig(True, 16 if M <= 16 else 32, block_n, 128, split_k=split, interleave=False,
+                              joined=joined)
+        assert magic_asm_applies(config, prepared.spec, prepared._scale_mode(config)[0], dtype), config
         assert_matches_reference(_run(prepared, x, config), x, layout)
-        off = dataclasses.replace(config, magic_asm=False)
-        torch.testing.assert_close(_run(prepared, x, config).float(), _run(prepared, x, off).float(),
-                                   rtol=2e-2, atol=2e-2)
     _assert_workspace_clean(x.device)
+
+
+@pytest.mark.parametrize("case", ["gptq4-sym-g128", "gptq4-asym-g128-actorder", "gptq4-asym-unequal-groups",
+                                  "gptq8-asym-g64-actorder", "gptq2-sym-g32-actorder", "awq-g128-repacked"])
+def test_dequantized_cublas_path(triton_device, case):
+    """Large M: the weight dequantized by one launch (act-order rows back in their own columns) equals
+    dequantize() rounded once, and the cuBLAS matmul over it matches the reference."""
+    from kernels.triton_configs import KernelConfig
+
+    factory, options = CASES[case]
+    gen = _generator("dequant-mm", case)
+    layout = make.to_device(factory(gen), triton_device)
+    prepared = kernels.prepare(layout, torch.bfloat16, backend="triton", **options)
+    config = KernelConfig(True, 64, 32, 64, dequant_mm=True)
+    dense = prepared.dense_weight(torch.bfloat16, config)
+    if triton_device.type == "cuda":  # rounded once, to nearest
+        torch.testing.assert_close(dense, reference.dequantize(layout).to(torch.bfloat16), rtol=0, atol=0)
+    else:  # the interpreter's float32 → bf16 conversion truncates: within one bf16 ulp
+        torch.testing.assert_close(dense.float(), reference.dequantize(layout), rtol=2 ** -7, atol=0)
+    x = torch.randn(70, layout.in_features, generator=gen).to(torch.bfloat16).to(triton_device)
+    assert_matches_reference(_run(prepared, x, config), x, layout)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
