@@ -23,6 +23,7 @@ from engine.engine_config import EngineConfig
 from kernels.errors import InputError
 
 DEFAULT_CPU_BYTES = 512 * 2**20
+FRESH_PAGES_BYTES = 64 * 2**20
 
 
 def local_kv_heads(model_config: ModelConfig, world_size: int) -> int:
@@ -66,9 +67,12 @@ class KVCache:
 
     def _alloc(self, blocks: int) -> torch.Tensor:
         shape = (self.num_layers, blocks, self.num_kv_heads, self.block_size, self.head_dim)
-        if self.device.type == "cpu":
-            # One allocation this large is fresh zeroed pages from the OS: resident only once written
-            # (a zero fill would make the whole budget resident at start-up).
+        nbytes = 2 * self.num_layers * blocks * self.num_kv_heads * self.block_size * self.head_dim
+        if self.device.type == "cpu" and nbytes >= FRESH_PAGES_BYTES:
+            # An allocation this large is mapped fresh from the OS (glibc's mmap threshold is at most
+            # 32 MiB): zeroed pages, resident only once written, where a zero fill would make the
+            # whole budget resident at start-up. Smaller ones may reuse freed memory, so are zeroed:
+            # attention masks unwritten positions, but a NaN there would still poison the sum.
             return torch.empty(shape, dtype=self.dtype)
         return torch.zeros(shape, dtype=self.dtype, device=self.device)
 

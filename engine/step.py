@@ -26,6 +26,7 @@ class StepInput:
     prompt_logprobs: list[bool] = field(default_factory=list)  # logits for every new token of that sequence
     sampling: list[SamplingParams] | None = None  # rank 0 only
     flags: int = 0
+    penalties: list[PenaltyTokens | None] | None = None  # rank 0 only: penalised sequences' new tokens
     # each sequence's KV blocks (engine.block_manager), at least those its positions reach this step
     block_tables: list[list[int]] = field(default_factory=list)
     # whether a sequence samples this step (False: a prefill chunk before its prompt's last); empty: all do
@@ -33,7 +34,6 @@ class StepInput:
 
     def samples(self, i: int) -> bool:
         return not self.sample or self.sample[i]
-    penalties: list[PenaltyTokens | None] | None = None  # rank 0 only: penalised sequences' new tokens
 
     def encode(self) -> torch.Tensor:
         n = len(self.seq_ids)
@@ -65,7 +65,7 @@ class StepInput:
         for w in table_lens:
             tables.append(v[pos:pos + w])
             pos += w
-        return cls(seq_ids, token_ids, context_lens, finished, want_all, None, flags, tables, sample)
+        return cls(seq_ids, token_ids, context_lens, finished, want_all, None, flags, block_tables=tables, sample=sample)
 
     @classmethod
     def control(cls, flags: int) -> "StepInput":
