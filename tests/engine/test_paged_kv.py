@@ -145,3 +145,28 @@ def test_tp3_equals_tp1_with_preemption_and_chunks(checkpoint):
     assert got == want
     assert one_stats["preemptions"] == three_stats["preemptions"] > 0
     assert three_stats["kv_blocks_used"] == 0
+
+
+@pytest.mark.cuda
+def test_cuda_graphs_and_fused_kernels_over_block_tables(checkpoint):
+    """On a GPU: the Triton paged kernels with captured decode graphs (static block-table buffer)
+    give the torch backend's eager tokens, with preemption and chunked prefill in the run, and a
+    profiled cache (no kv_cache_memory) too."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    prompts = [prompt(i, 15 + 9 * i) for i in range(6)]
+    tokens, stats = {}, {}
+    for kernels, graphs in (("torch", False), ("triton", True)):
+        with LLM(checkpoint, dtype="float32", device="cuda", executor="uni", progress=False, block_size=BS,
+                 kernels=kernels, cuda_graphs=graphs, kv_cache_memory=kv_bytes(checkpoint, 9),
+                 max_num_batched_tokens=32, max_num_seqs=4) as llm:
+            tokens[kernels] = [o.token_ids for o in llm.generate(prompts, GREEDY)]
+            stats[kernels] = llm.engine.stats()
+    assert tokens["triton"] == tokens["torch"]
+    assert stats["triton"]["preemptions"] > 0 and stats["triton"]["kv_blocks_used"] == 0
+    with LLM(checkpoint, dtype="float32", device="cuda", executor="uni", progress=False, block_size=BS,
+             max_model_len=128, max_num_seqs=4) as llm:
+        assert llm.engine.stats()["kv_blocks_total"] == 4 * 128 // BS  # profiled, clipped to what 4 x 128 need
+        assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == tokens["torch"]
