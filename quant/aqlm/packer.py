@@ -10,6 +10,7 @@ import torch
 
 from quant.aqlm.config import AqlmParams
 from quant.base import Packer, QuantConfigError
+from quant.common.random_weights import RandomTensor
 
 
 @dataclass
@@ -48,6 +49,24 @@ class AqlmPacker(Packer):
         self.params = AqlmParams.parse({"num_codebooks": num_codebooks, "nbits_per_codebook": nbits_per_codebook,
                                         "in_group_size": in_group_size, "out_group_size": out_group_size,
                                         "linear_weights_not_to_quantize": list(not_quantized)})
+
+    @classmethod
+    def for_config(cls, config: dict[str, Any]) -> "AqlmPacker":
+        p = AqlmParams.parse(config)
+        return cls(p.num_codebooks, p.nbits_per_codebook, p.in_group_size, p.out_group_size, p.not_quantized)
+
+    def random_tensors(self, prefix: str, out_features: int, in_features: int,
+                       weight_std: float) -> dict[str, RandomTensor]:
+        """Uniform random codes (int32 words: every value mod 2^b is uniform), codebooks uniform in
+        [-v, v] with v = std * sqrt(3 / C) (a sum of C such entries has std `weight_std`), scales 1."""
+        p = self.params
+        og, ig, C = p.out_group_size, p.in_group_size, p.num_codebooks
+        if out_features % og or in_features % ig:
+            raise QuantConfigError(f"{prefix}: [{out_features}, {in_features}] is not whole {og}x{ig} aqlm cells")
+        return {f"{prefix}.codes": RandomTensor((out_features // og, in_features // ig, C), "codes", dtype=torch.int32),
+                f"{prefix}.codebooks": RandomTensor((C, p.codebook_size, og, ig), "uniform",
+                                                    weight_std * (3 / C) ** 0.5, torch.float16),
+                f"{prefix}.scales": RandomTensor((out_features // og, 1, 1, 1), "ones", dtype=torch.float16)}
 
     def pack(self, prefix: str, result: AqlmCodes, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         p = self.params

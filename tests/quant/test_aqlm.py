@@ -152,6 +152,26 @@ def test_quantizer_reaches_the_k_means_error():
     assert 0.2 < err < 0.32
 
 
+def test_random_tensors_load_with_the_asked_std(tmp_path):
+    """Packer.random_tensors (engine.dummy's random weights): shapes the loader accepts; std ~= asked."""
+    from quant.registry import packer_class
+
+    packer = packer_class("aqlm").for_config(config(2, 8, 8, 2))
+    specs = packer.random_tensors("l", 256, 512, 0.02)
+    gen = torch.Generator().manual_seed(0)
+    t = {}
+    for name, spec in specs.items():
+        if spec.kind == "codes":
+            t[name] = torch.randint(-(1 << 31), 1 << 31, spec.shape, generator=gen, dtype=torch.int64).to(torch.int32)
+        elif spec.kind == "uniform":
+            t[name] = ((torch.rand(spec.shape, generator=gen) * 2 - 1) * spec.value).to(spec.dtype)
+        else:
+            t[name] = torch.ones(spec.shape, dtype=spec.dtype)
+    w = get_loader(config(2, 8, 8, 2)).load_linear(Weights(save_checkpoint(tmp_path / "r", t)),
+                                                   column_shard([("l", 256)], 512, 0, 1)).dequantize()
+    assert w.shape == (256, 512) and abs(w.std().item() / 0.02 - 1) < 0.1
+
+
 # -- bad input ------------------------------------------------------------------------------
 
 
