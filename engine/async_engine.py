@@ -160,11 +160,13 @@ class AsyncEngine:
         try:
             while not self._stopping.is_set():
                 busy = self.engine.has_unfinished()
-                self._take_commands(block=not busy)
+                took = self._take_commands(block=not busy)
                 if self._stopping.is_set():
                     break
                 if self._needs_step():
                     self._step()
+                elif took:  # adds/aborts without a step (an abort frees its blocks at once): show it
+                    self._refresh_stats()
         except BaseException as e:  # never leave clients waiting on a dead thread
             logger.exception("engine thread failed")
             self._broken(e)
@@ -179,17 +181,18 @@ class AsyncEngine:
         scheduler = getattr(self.engine, "scheduler", None)
         return bool(getattr(scheduler, "finished_ids", None))
 
-    def _take_commands(self, block: bool) -> None:
+    def _take_commands(self, block: bool) -> bool:
+        """Apply every queued add/abort (waiting for one when idle); True if there were any."""
         try:
             command = self._commands.get(timeout=self.idle_wait_s) if block else self._commands.get_nowait()
         except queue.Empty:
-            return
+            return False
         while True:
             self._apply(command)
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
-                return
+                return True
 
     def _apply(self, command: tuple) -> None:
         kind = command[0]
