@@ -342,3 +342,20 @@ def test_default_model_tp3_equals_tp1_and_matches_transformers(default_model_run
     assert sum(cfg["enable_perm"] for cfg in layers.values()) == 150 and sum(
         cfg["outlier_size"] > 0 for cfg in layers.values()) == 150
     check_run("vptq", r)
+
+
+def test_loaded_layout_runs_on_the_triton_kernel(layer, monkeypatch):
+    """The loader's layout (TP 2 column rank 1: a straddling vector, outliers, perm, norm) through
+    the codebook Triton kernel (interpreted on CPU) equals the dequantized matmul to fp32 rounding."""
+    import kernels
+
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    name, L, path, t, full = layer
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    linear = get_loader(qconfig(name)).load_linear(Weights(path, device=dev), column_shard([(PREFIX, N)], K, 1, 2))
+    prepared = kernels.prepare(linear.prepared.layout, torch.float32, backend="triton")
+    x = torch.randn(5, K, generator=torch.Generator().manual_seed(0)).to(dev)
+    want = x.double() @ linear.dequantize().double().T
+    got = kernels.linear(x, prepared).double()
+    assert ((got - want).norm() / want.norm()).item() < 1e-6
