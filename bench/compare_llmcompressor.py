@@ -82,7 +82,7 @@ def run_llmc(args) -> None:
                                group_size=args.group_size, actorder=actorder, observer=observer)
     # the modifier's own actorder defaults to "static": set it explicitly, None included
     recipe = GPTQModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
-                          ignore=["lm_head"], dampening_frac=0.01, block_size=128, actorder=actorder)
+                          ignore=["lm_head"], dampening_frac=args.damp, block_size=128, actorder=actorder)
     began = time.perf_counter()
     oneshot(model=model, dataset=dataset, recipe=recipe, max_seq_length=max(len(x) for x in samples),
             num_calibration_samples=len(samples))
@@ -210,6 +210,7 @@ def main() -> int:
     llmc.add_argument("--samples-file", default=None, help="JSON list of token-id samples to calibrate on")
     llmc.add_argument("--observer", choices=("minmax", "mse"), default="minmax")
     llmc.add_argument("--fake-only", action="store_true", help="write only the fake-quant float checkpoint")
+    llmc.add_argument("--damp", type=float, default=0.01, help="dampening fraction (GPTQModifier dampening_frac)")
     windows = sub.add_parser("windows", help="4-bit GPTQ, qshard vs llm-compressor, over several calibration "
                                              "windows; fake-quant checkpoints; table of per-window values and means")
     windows.add_argument("--settings", default="sym-none,asym-none,sym-weight,asym-weight",

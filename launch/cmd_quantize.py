@@ -1,7 +1,7 @@
 """`qshard quantize`: GPTQ or RTN over a float checkpoint, written as GPTQ or compressed-tensors.
 
-    qshard quantize --model M --method gptq --bits 4 --group-size 64 --sym --act-order none \
-        --calib FILE --samples 64 --seqlen 256 --format gptq -o OUT
+    qshard quantize --model M --method gptq --bits 4 --group-size 64 --sym --act-order weight --observer mse \
+        [--calib FILE[:WEIGHT] ...] --samples 64 --seqlen 256 --format gptq -o OUT
 
 Calibration runs block by block on qshard's own model (engine.calibration); the checkpoint is
 written by quant.export with the format's Packer. The output path is checked before anything is
@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import random
 import time
 from pathlib import Path
 
 import torch
 
 from kernels.errors import InputError
-from launch.texts import DEFAULT_CALIBRATION_TEXT, calibration_samples, read_text
+from launch.texts import DEFAULT_CALIBRATION_SET, calibration_mix, calibration_sources
+from launch.texts import calibration_windows as _windows
 from quant.calibrate.args import ACTORDERS, OBSERVERS, SUPPORTED_BITS, QuantArgs
 
 logger = logging.getLogger(__name__)
@@ -39,19 +39,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric (default)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric (zero points; GPTQ writes gptq_v2)")
-    p.add_argument("--act-order", choices=ACTORDERS, default="none",
-                   help="GPTQ column order: none; group (permuted groups, g_idx); weight/static (act order, "
-                        "groups in column order)")
-    p.add_argument("--calib", type=Path, default=None,
-                   help=f"calibration text file (default: the shipped {DEFAULT_CALIBRATION_TEXT.name})")
+    # defaults chosen by bench/calib_sweep.py on held-out texts of four domains
+    # (bench/results/calibration-2026-12-02.md): act order 'weight' + observer 'mse'
+    p.add_argument("--act-order", choices=ACTORDERS, default="weight",
+                   help="GPTQ column order: weight/static (default: act order, groups in column order, so no "
+                        "g_idx permutation); group (permuted groups, g_idx); none")
+    p.add_argument("--calib", action="append", default=None, metavar="FILE[:WEIGHT]",
+                   help="calibration text (a .json file: chat conversations, rendered through the model's chat "
+                        "template); repeat to mix several, each drawing samples in proportion to its weight "
+                        "(default 1); 'default' is the shipped set: equal shares of "
+                        f"{', '.join(DEFAULT_CALIBRATION_SET)} (the default when no --calib is given)")
     p.add_argument("--samples", type=int, default=64, help="calibration samples (default 64)")
     p.add_argument("--seqlen", type=int, default=256, help="tokens per calibration sample (default 256)")
     p.add_argument("--calib-seed", type=int, default=None,
                    help="pick the calibration windows at random start positions drawn with this seed "
                         "(default: evenly spaced windows over the text)")
-    p.add_argument("--observer", choices=OBSERVERS, default="minmax",
-                   help="scale/zero of each group: minmax, or mse (range shrunk to minimise the group's "
-                        "rounding error, as original GPTQ's mse=True)")
+    p.add_argument("--observer", choices=OBSERVERS, default="mse",
+                   help="scale/zero of each group: mse (default: the range shrunk to minimise the group's "
+                        "rounding error, as original GPTQ's mse=True), or minmax")
     p.add_argument("--format", choices=FORMATS, default="gptq", help="checkpoint format written")
     p.add_argument("-o", "--output", type=Path, required=True,
                    help="output model directory (new, or empty; an existing one needs --overwrite)")
@@ -74,17 +79,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def calibration_windows(token_ids: list[int], num_samples: int, seqlen: int, seed: int | None) -> list[list[int]]:
-    """`num_samples` windows of `seqlen` tokens: evenly spaced (seed None), or at start positions
-    drawn uniformly with Python's `random.Random(seed)` (portable: the same windows on any machine
-    and in any venv), sorted, so that other calibration sets of the same text can be compared."""
-    if seed is None or num_samples < 1 or len(token_ids) < seqlen:
-        try:
-            return calibration_samples(token_ids, num_samples, seqlen)  # also the input errors
-        except ValueError as e:
-            raise InputError(str(e)) from None
-    draw = random.Random(seed)
-    starts = sorted(draw.randrange(len(token_ids) - seqlen + 1) for _ in range(num_samples))
-    return [token_ids[s:s + seqlen] for s in starts]
+    """launch.texts.calibration_windows, its input errors as InputError."""
+    try:
+        return _windows(token_ids, num_samples, seqlen, seed)
+    except ValueError as e:
+        raise InputError(str(e)) from None
 
 
 def make_packer(fmt: str, args: QuantArgs, true_sequential: bool, damp: float, ignore: list[str]):
@@ -112,12 +111,18 @@ def check_group_size(cfg, args: QuantArgs) -> None:
             raise InputError(f"--group-size {args.group_size}: {e} ({what} of this model)") from None
 
 
-def calibration_text(path: Path) -> str:
-    """The calibration text, its file errors as InputError (one `error:` line in the CLI)."""
+def calibration_set(specs: list[str] | None, tokenizer, samples: int, seqlen: int, seed: int | None):
+    """The calibration samples of the --calib specs (launch.texts.calibration_mix), logged per
+    source; file and weight errors as InputError (one `error:` line in the CLI)."""
     try:
-        return read_text(path, "calibration text")
+        chosen, parts = calibration_mix(calibration_sources(specs), tokenizer, samples, seqlen, seed)
     except (ValueError, FileNotFoundError) as e:
         raise InputError(f"--calib: {e}") from None
+    for part in parts:
+        logger.info("calibration: %d samples x %d tokens from %s (%s, %d tokens, weight %g, %s)", part.samples, seqlen,
+                    part.source.label, part.source.path.name, part.tokens, part.source.weight,
+                    "evenly spaced" if seed is None else f"seed {seed}")
+    return chosen
 
 
 def run(args) -> int:
@@ -149,15 +154,10 @@ def run(args) -> int:
 
     samples = None
     if args.method == "gptq":
-        calib_path = args.calib or DEFAULT_CALIBRATION_TEXT
         tokenizer = load_tokenizer(Path(model_dir))
         if tokenizer is None:
             raise InputError(f"{model_dir} has no tokenizer to cut the calibration text into tokens")
-        ids = tokenizer(calibration_text(calib_path))["input_ids"]
-        samples = calibration_windows(ids, args.samples, args.seqlen, args.calib_seed)
-        logger.info("calibration: %d samples x %d tokens from %s (%d tokens, %s windows)", len(samples),
-                    args.seqlen, calib_path, len(ids),
-                    "evenly spaced" if args.calib_seed is None else f"seed {args.calib_seed}")
+        samples = calibration_set(args.calib, tokenizer, args.samples, args.seqlen, args.calib_seed)
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     target = LlamaCalibrationTarget(model_dir, device=device, batch_size=args.batch_size)
