@@ -403,3 +403,38 @@ def test_stop_strings_in_generation(tiny_llm):
     assert cut.token_ids == kept.token_ids == ids[:k + 1]
     assert cut.text == pieces[k][:-1] and kept.text == pieces[k] + stop[1]
     assert (cut.finish_reason, cut.outputs[0].stop_reason, free.finish_reason) == ("stop", stop, "length")
+
+
+def test_penalties_and_seeds_survive_preemption_and_chunked_prefill(repeating_llm):
+    """A KV budget of 6 blocks of 16 for 6 sequences of 20-45 + 16 tokens, prefill in chunks of 16:
+    sequences are preempted and recomputed (prompt + output sent again, the sampler's counts
+    restarted from the driver's lists), and every completion equals the roomy run's."""
+    from engine.config import ModelConfig
+    from engine.engine_config import EngineConfig
+    from engine.kv_cache import block_bytes
+
+    path = repeating_llm.config.model_path
+    prompts = [[3 + (i * 37 + j * 11) % 1000 for j in range(20 + 5 * i)] for i in range(4)]
+    params = [SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, repetition_penalty=3.0),
+              SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, presence_penalty=2.0, frequency_penalty=1.0),
+              SamplingParams(max_tokens=16, n=2, seed=7, temperature=0.7, ignore_eos=True, repetition_penalty=2.0),
+              SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)]
+    block = block_bytes(EngineConfig(path, block_size=16), ModelConfig.from_dir(path))
+    roomy = [[c.token_ids for c in o.outputs] for o in repeating_llm.generate(prompts, params)]
+    with LLM(path, dtype="float32", progress=False, block_size=16, kv_cache_memory=6 * block, max_num_seqs=6,
+             max_num_batched_tokens=16) as tight:
+        executor, restarts = tight.engine.executor, []
+
+        def recording(step):
+            restarts.extend(u.start for u in step.penalties or [] if u is not None and u.prompt is not None)
+            return executor.execute(step)
+
+        tight.engine.executor = type("Recorder", (), {"execute": staticmethod(recording)})()
+        got = [[c.token_ids for c in o.outputs] for o in tight.generate(prompts, params)]
+        tight.engine.executor = executor
+        stats = tight.engine.stats()
+    assert stats["preemptions"] > 0 and stats["kv_blocks_used"] == 0, stats
+    assert len(restarts) > 4 and set(restarts) == {0}  # 4 penalised sequences, some restarted after preemption
+    assert got == roomy
+    assert len(set(roomy[0][0])) == 16 and roomy[3][0] == [roomy[3][0][0]] * 16  # the penalty did act
+    assert roomy[2][0] != roomy[2][1]
