@@ -72,10 +72,6 @@ def group_size(weights: TensorSource, scale_name: str, n: int, k: int) -> int:
 def sub_bytes_part(weights: TensorSource, src: str, shard: LinearShard, bits: int, qtype: str):
     """(codes uint8 [N_loc, K_loc], scale [N_loc, Gk], shift [N_loc, Gk], first group column, gs): the
     rank's part of a qint4/qint2 layer, Gk groups per row covering its K range."""
-    if weights.has(tensor_name(src, "weight._scale_shift")):
-        raise QuantConfigError(f"layer {src} is stored in quanto's tinygemm layout (weight._scale_shift: qint4, "
-                               f"group 128, bfloat16, packed for torch's int4 kernel), which qshard does not read; "
-                               f"quantize the float32/float16 model, or a bfloat16 one with another group size")
     data = need(weights, tensor_name(src, "weight._data._data"), qtype)
     scale_name = need(weights, tensor_name(src, "weight._scale"), qtype)
     shift_name = need(weights, tensor_name(src, "weight._shift"), qtype)
