@@ -438,3 +438,44 @@ def test_penalties_and_seeds_survive_preemption_and_chunked_prefill(repeating_ll
     assert got == roomy
     assert len(set(roomy[0][0])) == 16 and roomy[3][0] == [roomy[3][0][0]] * 16  # the penalty did act
     assert roomy[2][0] != roomy[2][1]
+
+
+@pytest.mark.cuda
+def test_penalties_on_cuda_equal_the_reference_with_one_sync_a_step():
+    import warnings
+
+    vocab, gen = 1000, torch.Generator().manual_seed(0)
+    params = [SamplingParams(temperature=0, repetition_penalty=1.8), SamplingParams(temperature=0),
+              SamplingParams(seed=4, top_k=40, top_p=0.9, presence_penalty=1.0, frequency_penalty=0.5, logprobs=2),
+              SamplingParams(temperature=0, frequency_penalty=1.5, presence_penalty=-0.5, logprobs=0)]
+    seq_ids, prompts = [1, 2, 3, 4], [[5, 6], [7], [8, 9, 10], [11]]
+    outputs: list[list[int]] = [[] for _ in params]
+    sampler, reference = Sampler(), ReferenceSampler()
+    syncs = []
+    for step in range(8):
+        logits = (torch.randn(len(params), vocab, generator=gen) * 3).cuda()
+        ups = [(PenaltyTokens(0, [], prompts[i]) if step == 0 else PenaltyTokens(len(outputs[i]) - 1, outputs[i][-1:]))
+               if p.penalized else None for i, p in enumerate(params)]
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                tokens, _ = sampler.sample(logits, seq_ids, params, ups)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        syncs.append(sum("synchroniz" in str(w.message) for w in caught))
+        ref_tokens, _ = reference.sample(logits.cpu(), seq_ids, params, ups)
+        for i, p in enumerate(params):
+            if p.penalized:
+                row = sampler.penalty_counts.row_of[seq_ids[i]]
+                pen = torch.tensor([[p.repetition_penalty, p.frequency_penalty, p.presence_penalty]], device="cuda")
+                got = apply_penalties(logits[i:i + 1], sampler.penalty_counts.counts[row:row + 1],
+                                      sampler.penalty_counts.in_prompt[row:row + 1], pen)[0].cpu()
+                torch.testing.assert_close(got, reference_penalize(logits[i].cpu(), p, prompts[i], outputs[i]),
+                                           rtol=0, atol=1e-6)
+            if p.greedy:
+                assert tokens[i] == ref_tokens[i], (step, i)
+        for i, t in enumerate(tokens):
+            outputs[i].append(t)
+    assert syncs[1:] == [1] * 7, syncs  # the token copy alone (step 0 also builds the per-row tensors)
