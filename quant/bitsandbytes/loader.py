@@ -16,7 +16,7 @@ import torch
 
 from kernels.layouts import Int8Layout
 from parallel.sharding import Axis, LinearShard, Role, TensorSource, read_shard, tensor_name
-from quant.base import KernelLinear, PackedLinear, QuantConfigError, WeightsLoader
+from quant.base import KernelLinear, PackedLinear, QuantConfigError, WeightsLoader, register
 from quant.bitsandbytes.config import METHOD, BnbConfig
 from quant.bitsandbytes.four_bit import load_lut4, quant_state_name
 from quant.common.dense import load_dense
@@ -30,6 +30,7 @@ def is_skipped(module: str, skip: tuple[str, ...]) -> bool:
     return any(module == s or module.endswith("." + s) or f".{s}." in f".{module}." for s in skip)
 
 
+@register(METHOD)
 class BnbLoader(WeightsLoader):
     method = METHOD
 

@@ -14,7 +14,7 @@ import torch
 from kernels.layouts import FP8Layout, GPTQLayout, Int8Layout
 from kernels.packing import pack_int32
 from parallel.sharding import LinearShard, TensorSource, tensor_name
-from quant.base import KernelLinear, PackedLinear, QuantConfigError, WeightsLoader
+from quant.base import KernelLinear, PackedLinear, QuantConfigError, WeightsLoader, register
 from quant.common.dense import DenseLinear, load_dense
 from quant.quanto.config import METHOD, WEIGHT_TYPES, QuantoConfig
 from quant.quanto.tensors import need, read_stored, row_blocks, sub_bytes_part
@@ -22,6 +22,7 @@ from quant.quanto.tensors import need, read_stored, row_blocks, sub_bytes_part
 FLOAT8 = {"e4m3fn": torch.float8_e4m3fn, "e4m3fnuz": torch.float8_e4m3fnuz, "e5m2": torch.float8_e5m2}
 
 
+@register(METHOD)
 class QuantoLoader(WeightsLoader):
     method = METHOD
 
