@@ -406,7 +406,7 @@ def test_stop_strings_in_generation(tiny_llm):
 
 
 def test_penalties_and_seeds_survive_preemption_and_chunked_prefill(repeating_llm):
-    """A KV budget of 6 blocks of 16 for 6 sequences of 20-45 + 16 tokens, prefill in chunks of 16:
+    """A KV budget of 6 blocks of 16 for 5 sequences of 20-35 + 16 tokens, prefill in chunks of 16:
     sequences are preempted and recomputed (prompt + output sent again, the sampler's counts
     restarted from the driver's lists), and every completion equals the roomy run's."""
     from engine.config import ModelConfig
@@ -415,10 +415,11 @@ def test_penalties_and_seeds_survive_preemption_and_chunked_prefill(repeating_ll
 
     path = repeating_llm.config.model_path
     prompts = [[3 + (i * 37 + j * 11) % 1000 for j in range(20 + 5 * i)] for i in range(4)]
-    params = [SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, repetition_penalty=3.0),
-              SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, presence_penalty=2.0, frequency_penalty=1.0),
-              SamplingParams(max_tokens=16, n=2, seed=7, temperature=0.7, ignore_eos=True, repetition_penalty=2.0),
-              SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)]
+    common = dict(max_tokens=16, ignore_eos=True)
+    params = [SamplingParams(temperature=0, repetition_penalty=3.0, **common),
+              SamplingParams(temperature=0, presence_penalty=2.0, frequency_penalty=1.0, **common),
+              SamplingParams(n=2, seed=7, temperature=0.7, repetition_penalty=2.0, **common),
+              SamplingParams(temperature=0, **common)]
     block = block_bytes(EngineConfig(path, block_size=16), ModelConfig.from_dir(path))
     roomy = [[c.token_ids for c in o.outputs] for o in repeating_llm.generate(prompts, params)]
     with LLM(path, dtype="float32", progress=False, block_size=16, kv_cache_memory=6 * block, max_num_seqs=6,
