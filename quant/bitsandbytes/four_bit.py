@@ -16,6 +16,9 @@ byte matrix with absmax [N, K/blocksize]: a rank takes rows (column-parallel) or
 blocks of K (row-parallel). A rank whose K range would cut a block is refused, naming the layer.
 The nested absmax is dequantized at load (its blocks do cross rows), for the whole layer: it is
 1/blocksize of the weight.
+
+The weight is the float32 product, as bitsandbytes computes it; bitsandbytes then rounds it to the
+quant_state's `dtype` before its matmul, qshard to the engine's dtype (the same when they agree).
 """
 
 from __future__ import annotations

@@ -191,6 +191,23 @@ def test_missing_scb_and_tiled_format(tmp_path):
         loader.load_linear(Weights(_saved(tmp_path, tensors)), column_shard([("layer", N)], K, 0, 1))
 
 
+def test_float_layers(tmp_path):
+    """llm_int8_skip_modules and layers stored in float (lm_head) load as dense weights, in 4 and 8 bits."""
+    gen = torch.Generator().manual_seed(3)
+    tensors, _ = four_bit_tensors("quant", torch.randn(N, K, generator=gen) * 0.05, "nf4", 64, False, torch.uint8)
+    skipped, head = torch.randn(N, K, generator=gen), torch.randn(N, K, generator=gen)
+    tensors.update({"model.skipped.weight": skipped, "lm_head.weight": head})
+    weights = Weights(_saved(tmp_path, tensors))
+    for config in (four_bit_config() | {"llm_int8_skip_modules": ["skipped"]},
+                   INT8_CONFIG | {"llm_int8_skip_modules": ["skipped"]}):
+        loader = BnbLoader.from_config(config)
+        for prefix, w in (("model.skipped", skipped), ("lm_head", head)):
+            lin = loader.load_linear(weights, column_shard([(prefix, N)], K, 1, 2))
+            assert type(lin).__name__ == "DenseLinear" and torch.equal(lin.dequantize(), w[N // 2:])
+    with pytest.raises(QuantConfigError, match=r"layers \['quant', 'lm_head'\] run as one fused matmul but mix"):
+        BnbLoader.from_config(four_bit_config()).load_linear(weights, column_shard([("quant", N), ("lm_head", N)], K, 0, 1))
+
+
 # -- the default model, quantized by transformers + bitsandbytes, end to end ------------------
 
 E2E = {  # name -> BitsAndBytesConfig arguments
