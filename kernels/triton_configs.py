@@ -72,7 +72,7 @@ def split_k_for(M: int, N: int, K: int, block_m: int, block_n: int, block_k: int
     return split
 
 
-def candidates(M: int, N: int, K: int, per_word: int, sms: int) -> list[KernelConfig]:
+def candidates(M: int, N: int, K: int, per_word: int, sms: int, untimed: bool = False) -> list[KernelConfig]:
     """A small ordered set for this M bucket; the first is the default. per_word: codes per word along K.
 
     Pruned by a sweep on an H100 (Llama-2-7B qkv and down, 4-bit and int8, M = 1, 16, 128): K-blocks
@@ -120,12 +120,14 @@ def candidates(M: int, N: int, K: int, per_word: int, sms: int) -> list[KernelCo
                 cfg = KernelConfig(use_dot, BM, BN, BK, s, warps, stages, interleave)
                 if is_valid(cfg, per_word) and cfg not in out:
                     out.append(cfg)
-    if per_word == 8:  # 4-bit: the same lop3 tiles with their slices joined into one dot per block
-        # (without the lop3 unpack, magic_asm=False, the peeled dot tiles were 1.25-1.33x slower at M = 16
-        # on an H200, 2026-12-02: not a candidate)
+    # Without the lop3 unpack (magic_asm=False) the peeled 4-bit dot tiles were 1.25-1.33x slower at
+    # M = 16 on an H200 (2026-12-02): no candidate. `untimed` adds variants interpreter-tested but not yet
+    # compiled and timed on a GPU (`bench kernels --sweep` times them; the engine's tuner does not):
+    # the lop3 slices joined into one dot per block, and, from M = 128, dequantize-once + cuBLAS.
+    if untimed and per_word == 8:
         out += [replace(c, joined=True) for c in out if c.use_dot and not c.interleave]
-    if bm >= 128 and per_word > 1:  # prefill-sized M, K-packed codes: dequantize once into a dense
-        out.append(KernelConfig(True, 64, 64, 128, dequant_mm=True))  # weight, then cuBLAS, where that wins
+    if untimed and bm >= 128 and per_word > 1:
+        out.append(KernelConfig(True, 64, 64, 128, dequant_mm=True))
     return out
 
 

@@ -73,7 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-time", type=float, default=None,
                         help="seconds of timing per measurement (default 0.2 on CPU, 0.05 on CUDA)")
     parser.add_argument("--sweep", action="store_true",
-                        help="CUDA: also time every candidate Triton config per row (prints them; in the JSON)")
+                        help="CUDA: also time every candidate Triton config per row, and the variants not yet "
+                             "timed on a GPU that the tuner leaves out (prints them; in the JSON)")
     parser.add_argument("--json", default="bench_kernels_{device}.json", help="output path ('' for none)")
 
 
@@ -315,7 +316,8 @@ def sweep_configs(quantized: list, x: torch.Tensor, timer, nbytes: int) -> list[
     first = quantized[0]
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     out = []
-    for cfg in triton_configs.candidates(x.shape[0], first.out_features, first.in_features, first.spec.per_word, sms):
+    for cfg in triton_configs.candidates(x.shape[0], first.out_features, first.in_features, first.spec.per_word, sms,
+                                         untimed=True):
         it = [0]
 
         def call():
