@@ -202,14 +202,17 @@ def _run(args) -> int:
                 texts[label] = ids
             r = perplexities(llm, texts, window, stride, str(model), progress=args.progress)
             dtype = str(llm.config.dtype).replace("torch.", "")
-        results[str(model)] = r
+        key, n = str(model), 2
+        while key in results:  # the same model twice keeps both columns
+            key, n = f"{model} ({n})", n + 1
+        results[key] = r
         seconds = max(x.seconds for x in r.values())
         print(f"{model}: ppl {geometric_mean([x.perplexity for x in r.values()]):.4f} (geometric mean of "
               f"{len(r)} text{'s' if len(r) > 1 else ''})  tokens {sum(x.tokens for x in r.values())}  windows "
               f"{sum(x.windows for x in r.values())} (window {window}, stride {stride})  tp {args.tp}  dtype {dtype}  "
               f"{seconds:.1f}s", flush=True)
     print(table(results))
-    last = results[str(models[-1])]
+    last = list(results.values())[-1]
     print(f"perplexity: {geometric_mean([x.perplexity for x in last.values()]):.4f}")
     return 0
 
