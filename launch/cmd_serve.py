@@ -41,6 +41,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-in-flight", type=int, default=1024,
                    help="requests accepted and unfinished beyond which new ones get 429")
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    # the paged KV cache (passed only when given)
+    p.add_argument("--kv-cache-memory", default=None,
+                   help="KV-cache bytes per rank: a number with an optional K/M/G suffix (powers of 1024)")
+    p.add_argument("--block-size", type=int, default=None, help="positions per KV block")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None)
+    p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached blocks of equal prefixes")
+
+
+def parse_bytes(text: str) -> int:
+    """'512M' -> 536870912; a plain number is bytes."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = str(text).strip().lower().removesuffix("ib").removesuffix("b")
+    scale = units.get(t[-1:], 1)
+    try:
+        value = float(t[:-1] if t[-1:] in units else t) * scale
+    except ValueError:
+        value = -1
+    if value < 1:
+        raise InputError(f"--kv-cache-memory takes a positive byte count such as 268435456 or 256M, got {text!r}")
+    return int(value)
+
+
+def cache_options(args) -> dict:
+    options = {}
+    if args.kv_cache_memory is not None:
+        options["kv_cache_memory"] = parse_bytes(args.kv_cache_memory)
+    if args.block_size is not None:
+        options["block_size"] = args.block_size
+    if args.gpu_memory_utilization is not None:
+        options["gpu_memory_utilization"] = args.gpu_memory_utilization
+    if args.no_prefix_caching:
+        options["enable_prefix_caching"] = False
+    return options
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -69,7 +102,7 @@ def run(args) -> int:
     api_key = args.api_key or os.environ.get("QSHARD_API_KEY") or None
     if args.max_in_flight < 1:
         raise InputError(f"--max-in-flight must be >= 1, got {args.max_in_flight}")
-    options = executor_options(args)
+    options = {**executor_options(args), **cache_options(args)}
     rank = int(os.environ.get("RANK", "0")) if args.executor == "external" else 0
     sock = bind(args.host, args.port) if rank == 0 else None
     try:

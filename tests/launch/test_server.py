@@ -285,6 +285,29 @@ def test_a_client_that_disconnects_mid_stream_aborts_its_request(server):
     assert ok.usage.completion_tokens >= 1
 
 
+def test_prefix_cache_a_repeated_system_prompt_is_not_prefilled_again(server):
+    """Prefix caching seen from the API: the second request with the same long system prompt
+    finds its full blocks cached (the engine's prefix-cache hits grow by them), same answer."""
+    m = server.metrics()
+    if "qshard_engine_prefix_cache_hits" not in m:
+        pytest.skip("this engine reports no prefix-cache counters")
+    system = "You are a careful assistant. " + " ".join(f"Rule {i}: answer briefly and truthfully." for i in range(30))
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Name a colour."}]
+    client = server.client()
+    answers, hits = [], []
+    for _ in range(2):
+        before = server.metrics()
+        reply = client.chat.completions.create(model=server.model, messages=messages, max_tokens=4, temperature=0)
+        after = server.metrics()
+        answers.append(reply.choices[0].message.content)
+        hits.append(after["qshard_engine_prefix_cache_hits"] - before["qshard_engine_prefix_cache_hits"])
+        prompt_tokens = reply.usage.prompt_tokens
+    block = server.metrics().get("qshard_engine_kv_block_size", 16)
+    assert answers[0] == answers[1]
+    assert prompt_tokens > 200 and hits[1] >= (prompt_tokens // block - 1) * block > hits[0], (hits, prompt_tokens)
+    print(f"prefix cache: {prompt_tokens}-token prompt, cached tokens found {hits[0]:.0f} then {hits[1]:.0f}")
+
+
 def test_metrics_count_what_was_served(server):
     m = server.metrics()
     assert m["qshard_engine_healthy"] == 1
