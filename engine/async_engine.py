@@ -36,6 +36,10 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.
 RATE_WINDOW_S = 10.0  # generated tokens/s is measured over this trailing window
 
 
+class EngineStopped(RuntimeError):
+    """The server stopped the engine thread while this request was in flight."""
+
+
 class Histogram:
     """Cumulative bucket counts, sum and count (Prometheus semantics); the engine thread observes,
     /metrics reads a snapshot under the lock."""
@@ -124,12 +128,17 @@ class AsyncEngine:
         self._thread.start()
         return self
 
-    def stop(self, timeout_s: float = 30.0) -> None:
-        """Abort what is left, end the thread (after its current step)."""
-        if self._thread is None:
-            return
+    def request_stop(self) -> None:
+        """Ask the thread to stop after its current step (any thread, a signal handler too): every
+        request still in flight then ends with an error, so open streams close at once."""
         self._stopping.set()
         self._commands.put(("wake",))
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop the thread (after its current step); requests left fail with 'shutting down'."""
+        if self._thread is None:
+            return
+        self.request_stop()
         self._thread.join(timeout=timeout_s)
         if self._thread.is_alive():
             logger.warning("engine thread still inside a step %.0f s after shutdown was asked", timeout_s)
@@ -171,7 +180,7 @@ class AsyncEngine:
             logger.exception("engine thread failed")
             self._broken(e)
         finally:
-            self._end_all(RuntimeError("the server is shutting down"))
+            self._end_all(EngineStopped("the server is shutting down"))
             logger.info("engine thread stopped")
 
     def _needs_step(self) -> bool:

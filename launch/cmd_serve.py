@@ -20,6 +20,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from pathlib import Path
 
 from kernels.errors import InputError
@@ -133,16 +134,20 @@ def _serve(llm, args, sock: socket.socket, api_key: str | None) -> int:
     config = ServeConfig(model_name=name, max_model_len=llm.config.max_model_len,
                          vocab_size=llm.model_config.vocab_size, aliases=(str(args.model), str(path)),
                          api_key=api_key, max_in_flight=args.max_in_flight)
-    app = create_app(AsyncEngine(llm.engine), load_tokenizer(path), config)
+    engine = AsyncEngine(llm.engine)
+    app = create_app(engine, load_tokenizer(path), config)
     server = _Server(uvicorn.Config(app, log_config=None, access_log=args.access_log, lifespan="on",
                                     timeout_graceful_shutdown=5, timeout_keep_alive=5))
     host, port = sock.getsockname()[:2]
     logger.info("qshard serve: %s at http://%s:%d/v1 (tp=%d, executor %s%s)", name, host, port,
                 llm.config.tensor_parallel_size, llm.executor_name, ", API key required" if api_key else "")
-    with _stop_on_signals(server):
+    with _stop_on_signals(server, engine):
         server.run(sockets=[sock])
     sock.close()
     logger.info("server stopped; stopping the engine's ranks")
+    start = time.monotonic()
+    llm.shutdown()
+    logger.info("ranks stopped in %.1f s", time.monotonic() - start)
     return 0
 
 
@@ -161,8 +166,10 @@ class _Server:
 
 
 @contextlib.contextmanager
-def _stop_on_signals(server):
-    """SIGINT/SIGTERM: stop serving (a second one: stop now, without waiting for open requests)."""
+def _stop_on_signals(server, engine):
+    """SIGINT/SIGTERM: stop serving. The engine thread stops after its current step and ends the
+    requests in flight with an error event, so open streams close and uvicorn need not wait for
+    them; a second signal stops at once."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -172,6 +179,7 @@ def _stop_on_signals(server):
         if server.should_exit:
             server.force_exit = True
         server.should_exit = True
+        engine.request_stop()
 
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -28,7 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.async_engine import AsyncEngine
+from engine.async_engine import AsyncEngine, EngineStopped
 from engine.prompts import check_prompt
 from engine.request_output import RequestOutput
 from kernels.errors import InputError, QShardError
@@ -346,6 +346,8 @@ def _engine_error(e: BaseException) -> ApiError:
         return e
     if isinstance(e, InputError):
         return ApiError(400, str(e))
+    if isinstance(e, EngineStopped):
+        return ApiError(503, str(e), None, "shutting_down", "server_error")
     kind = "server_error"
     if isinstance(e, QShardError):
         return ApiError(500, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", None, None, kind)
