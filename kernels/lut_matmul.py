@@ -83,7 +83,7 @@ def _lut_matmul(x_ptr, w_ptr, a_ptr, t_ptr, y_ptr, M, N, K,
         x_ptrs = x_ptr + offs_m[None, :] * stride_xm + (k0 + offs_k)[:, None]
         x = tl.load(x_ptrs, mask=m_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_M]
         if DOT_F32:
-            part = tl.dot(w, x.to(tl.float32))
+            part = tl.dot(w, x.to(tl.float32), input_precision="ieee")  # not tf32: float32 means float32
         else:
             part = tl.dot(w.to(x.dtype), x)
         scale = tl.load(a_ptr + offs_n * stride_a + k0 // BLOCKSIZE, mask=n_ok, other=0.0)

@@ -3,6 +3,8 @@ reference dequantization; and the CPU dispatch taking the dequantized fallback."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -59,3 +61,37 @@ def test_reference_nibble_order():
                         torch.tensor(NF4), 64)
     w = dequantize(layout)
     assert w[0, 0].item() == pytest.approx(2 * NF4[1]) and w[0, 1].item() == 2.0 and w[0, 2].item() == -2.0
+
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPILE = """
+import inspect, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kernels.lut_matmul import _lut_matmul
+
+for act, dot_f32 in (("*bf16", False), ("*fp32", True)):  # fp16 takes the bf16 path
+    consts = dict(BLOCKSIZE=64, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, DOT_F32=dot_f32)
+    pointers = {"x_ptr": act, "w_ptr": "*u8", "a_ptr": "*fp32", "t_ptr": "*fp32", "y_ptr": act}
+    sig = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in inspect.signature(_lut_matmul).parameters}
+    k = triton.compile(ASTSource(fn=triton.jit(_lut_matmul), signature=sig, constexprs=consts),
+                       target=GPUTarget("cuda", 90, 32))
+    assert len(k.asm["cubin"]) > 1000 and ".target sm_90" in k.asm["ptx"], act
+    print(act, "sm_90 cubin", len(k.asm["cubin"]), "bytes")
+"""
+
+
+def test_kernel_compiles_for_hopper(tmp_path):
+    """Triton lowers the kernel to sm_90 machine code here, without a GPU (ptxas ships with triton). In a
+    fresh process: after interpreted launches, compiling in the same process fails inside triton."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))
+    out = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("sm_90 cubin") == 2
