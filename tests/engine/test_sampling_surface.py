@@ -171,9 +171,11 @@ def test_penalised_sampling_does_not_sync_with_the_device():
     logits = torch.randn(3, V, generator=torch.Generator().manual_seed(0))
     params = [SamplingParams(repetition_penalty=1.2, seed=1), SamplingParams(temperature=0),
               SamplingParams(temperature=0, presence_penalty=0.5, logprobs=2)]
-    ups = [PenaltyTokens(0, [4, 5], [1, 2]), None, PenaltyTokens(0, [], [3])]
+    sampler = Sampler()
+    # the first step allocates the count buffers (torch.zeros under a dispatch mode imports for seconds)
+    sampler.sample(logits, [1, 2, 3], params, [PenaltyTokens(0, [4, 5], [1, 2]), None, PenaltyTokens(0, [], [3])])
     with CountOps() as counter:
-        Sampler().sample(logits, [1, 2, 3], params, ups)
+        sampler.sample(logits, [1, 2, 3], params, [PenaltyTokens(2, [9]), None, PenaltyTokens(0, [7])])
     assert "aten.index_put_" in counter.ops
     assert not [op for op in counter.ops if op.split(".")[-1] in ("_local_scalar_dense", "nonzero", "item")]
 
