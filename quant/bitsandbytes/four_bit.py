@@ -14,6 +14,9 @@ w.flat[i] = quant_map[code(i)] * absmax[i // blocksize].
 Sharding: when K is a multiple of blocksize no block crosses a row, so the weight is an [N, K/2]
 byte matrix with absmax [N, K/blocksize]: a rank takes rows (column-parallel) or a range of whole
 blocks of K (row-parallel). A rank whose K range would cut a block is refused, naming the layer.
+Otherwise blocks run across rows: an unsplit or column-parallel rank whose rows start (and end) on
+block boundaries reads its flat range of codes and is dequantized at load (no LUT4Layout holds
+it); other ranks are refused.
 The nested absmax is dequantized at load (its blocks do cross rows), for the whole layer: it is
 1/blocksize of the weight.
 
@@ -129,10 +132,12 @@ def read_code_rows(weights: TensorSource, src: str, n: int, k: int, r0: int, r1:
     return t.contiguous().view(torch.uint8).reshape(r1 - r0, row_bytes)
 
 
-def load_lut4(weights: TensorSource, shard: LinearShard, quant_type: str) -> LUT4Layout:
-    """The rank's LUT4Layout of a (possibly fused) 4-bit layer."""
+def load_4bit(weights: TensorSource, shard: LinearShard, quant_type: str) -> LUT4Layout | torch.Tensor:
+    """The rank's LUT4Layout of a (possibly fused) 4-bit layer; when K is not a multiple of the
+    blocksize (blocks run across rows) the rank's dequantized float32 rows instead, where its rows
+    start and end on block boundaries."""
     K = shard.in_features
-    codes, absmaxes, table, bs = [], [], None, None
+    codes, absmaxes, dense, table, bs = [], [], [], None, None
     for src in shard.sources:
         state = read_quant_state(weights, src, quant_type)
         n_src = max(b.offset + b.size for b in shard.blocks if b.source == src)
@@ -143,7 +148,7 @@ def load_lut4(weights: TensorSource, shard: LinearShard, quant_type: str) -> LUT
         elif state["blocksize"] != bs:
             raise QuantConfigError(f"bitsandbytes layers {list(shard.sources)} run as one fused matmul but have "
                                    f"blocksizes {bs} and {state['blocksize']} ({src})")
-        _check_blocks(src, shard, bs)
+        _check_blocks(src, shard, bs, n_src)
         map_name = _need(weights, tensor_name(src, "weight.quant_map"), "the 16 code values")
         if list(weights.get_shape(map_name)) != [16]:
             raise QuantConfigError(f"tensor {map_name} has shape {weights.get_shape(map_name)}, expected [16]")
@@ -153,22 +158,59 @@ def load_lut4(weights: TensorSource, shard: LinearShard, quant_type: str) -> LUT
         elif not torch.equal(t, table):
             raise QuantConfigError(f"bitsandbytes layers {list(shard.sources)} run as one fused matmul but "
                                    f"{map_name} differs from {shard.sources[0]}'s quant_map")
-        absmax = dequantized_absmax(weights, src, state, n_src * K // bs).reshape(n_src, K // bs)
-        kb = slice(shard.k_start // bs, shard.k_stop // bs)
-        kc = slice(shard.k_start // 2, shard.k_stop // 2)
+        absmax = dequantized_absmax(weights, src, state, -(-n_src * K // bs))
         for b in shard.blocks:
-            if b.source == src:
-                r0, r1 = b.offset + b.start, b.offset + b.stop
-                codes.append(read_code_rows(weights, src, n_src, K, r0, r1)[:, kc])
-                absmaxes.append(absmax[r0:r1, kb])
+            if b.source != src:
+                continue
+            r0, r1 = b.offset + b.start, b.offset + b.stop
+            if K % bs:
+                dense.append(_flat_rows(weights, src, n_src, K, r0, r1, table, absmax, bs))
+                continue
+            rows_absmax = absmax.reshape(n_src, K // bs)
+            codes.append(read_code_rows(weights, src, n_src, K, r0, r1)[:, shard.k_start // 2: shard.k_stop // 2])
+            absmaxes.append(rows_absmax[r0:r1, shard.k_start // bs: shard.k_stop // bs])
+    if dense:
+        return torch.cat(dense)
     return LUT4Layout(torch.cat(codes).contiguous(), torch.cat(absmaxes).contiguous(), table.contiguous(), bs)
 
 
-def _check_blocks(src: str, shard: LinearShard, bs: int) -> None:
+def _flat_rows(weights: TensorSource, src: str, n: int, k: int, r0: int, r1: int, table: torch.Tensor,
+               absmax: torch.Tensor, bs: int) -> torch.Tensor:
+    """float32 [r1 - r0, K] of a layer whose blocks run across rows: the flat elements
+    [r0*K, r1*K) decoded (r0*K is a block boundary, so an even element and a whole byte)."""
+    name = _need(weights, tensor_name(src, "weight"), "the packed codes")
+    dtype = weights.get_dtype(name)
+    size, total = dtype.itemsize, -(-n * k // 2)
+    shape = list(weights.get_shape(name))
+    if len(shape) != 2 or shape[1] != 1 or shape[0] != -(-total // size):
+        raise QuantConfigError(f"tensor {name} has shape {shape} ({dtype}); a {n}x{k} 4-bit weight is stored as "
+                               f"[{-(-total // size)}, 1] {dtype} ({total} bytes)")
+    e0, e1 = r0 * k, r1 * k
+    b0, b1 = e0 // 2, -(-e1 // 2)
+    index = (slice(b0 // size, -(-b1 // size)), slice(None))
+    raw = dtype.is_floating_point and dtype != weights.dtype
+    t = (weights.read(name, index, raw=True) if raw else weights.read(name, index)).contiguous().view(torch.uint8)
+    packed = t.reshape(-1)[b0 - b0 // size * size:][: b1 - b0]
+    c = torch.stack((packed >> 4, packed & 15), -1).reshape(-1)[: e1 - e0].long()
+    scale = absmax[torch.arange(e0, e1) // bs]
+    return (table[c] * scale).reshape(r1 - r0, k)
+
+
+def _check_blocks(src: str, shard: LinearShard, bs: int, n_src: int) -> None:
     K = shard.in_features
-    if K % bs:
-        raise QuantConfigError(f"bitsandbytes layer {src}: in_features {K} is not a multiple of blocksize {bs}, "
-                               f"so its blocks run across rows and no rank can hold whole blocks of its rows")
+    if K % bs:  # blocks run across rows: a rank needs whole rows, starting and ending on block boundaries
+        if shard.layout is Layout.ROW:
+            raise QuantConfigError(f"bitsandbytes layer {src}: in_features {K} is not a multiple of blocksize "
+                                   f"{bs}, so its blocks run across rows and rank {shard.rank} of "
+                                   f"{shard.world_size} cannot take part of each row; only column-parallel or "
+                                   f"unsplit layers load")
+        for b in shard.blocks:
+            r0, r1 = b.offset + b.start, b.offset + b.stop
+            if b.source == src and ((r0 * K) % bs or ((r1 * K) % bs and r1 != n_src)):
+                raise QuantConfigError(f"bitsandbytes layer {src}: rank {shard.rank} of {shard.world_size} would "
+                                       f"take rows [{r0}, {r1}) of {K} in-features each, splitting a block of {bs} "
+                                       f"(in_features is not a multiple of the blocksize, so blocks run across rows)")
+        return
     if shard.layout is Layout.ROW and (shard.k_start % bs or shard.k_stop % bs):
         fits = [t for t in range(1, 9) if K % (bs * t) == 0]
         raise QuantConfigError(f"bitsandbytes layer {src}: rank {shard.rank} of {shard.world_size} would take "

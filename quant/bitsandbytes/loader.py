@@ -18,8 +18,8 @@ from kernels.layouts import Int8Layout
 from parallel.sharding import Axis, LinearShard, Role, TensorSource, read_shard, tensor_name
 from quant.base import KernelLinear, PackedLinear, QuantConfigError, WeightsLoader, register
 from quant.bitsandbytes.config import METHOD, BnbConfig
-from quant.bitsandbytes.four_bit import load_lut4, quant_state_name
-from quant.common.dense import load_dense
+from quant.bitsandbytes.four_bit import load_4bit, quant_state_name
+from quant.common.dense import DenseLinear, load_dense
 
 WEIGHT = Role("weight", (Axis.N, Axis.K))
 INT8_MAX = 127.0
@@ -71,7 +71,10 @@ class BnbLoader(WeightsLoader):
             raise QuantConfigError(f"bitsandbytes layers {list(shard.sources)} run as one fused matmul but mix "
                                    f"quantized and float weights")
         if self.config.bits == 4:
-            return KernelLinear(load_lut4(weights, shard, self.config.quant_type), weights.dtype)
+            layout = load_4bit(weights, shard, self.config.quant_type)
+            if isinstance(layout, torch.Tensor):  # blocks across rows: no LUT4Layout holds the rank's part
+                return DenseLinear(layout.to(weights.dtype))
+            return KernelLinear(layout, weights.dtype)
         return KernelLinear(self._int8_layout(weights, shard), weights.dtype)
 
     def _int8_layout(self, weights: TensorSource, shard: LinearShard) -> Int8Layout:

@@ -191,6 +191,27 @@ def test_missing_scb_and_tiled_format(tmp_path):
         loader.load_linear(Weights(_saved(tmp_path, tensors)), column_shard([("layer", N)], K, 0, 1))
 
 
+@pytest.mark.parametrize("n,storage", [(96, torch.bfloat16), (95, torch.uint8)])
+def test_blocks_across_rows(tmp_path, n, storage):
+    """K = 100 with blocksize 64: blocks run across rows. Unsplit and column ranks whose rows start on a block
+    boundary load (dequantized at load, bit for bit bnb's); the others, and row-parallel ranks, are refused."""
+    k = 100
+    tensors, full = four_bit_tensors("layer", torch.randn(n, k) * 0.05, "nf4", 64, True, storage)
+    weights = Weights(_saved(tmp_path, tensors))
+    loader = BnbLoader.from_config(four_bit_config("nf4", True))
+    assert torch.equal(loader.load_linear(weights, column_shard([("layer", n)], k, 0, 1)).dequantize(), full)
+    if n == 96:  # TP 2 and 3: rows 48 / 32 per rank, 4800 / 3200 elements = whole blocks
+        for tp in (2, 3):
+            for rank in range(tp):
+                shard = column_shard([("layer", n)], k, rank, tp)
+                assert torch.equal(loader.load_linear(weights, shard).dequantize(), expected_slice({"layer": full}, shard))
+        with pytest.raises(QuantConfigError, match=r"layer layer: rank 1 of 4 would take rows \[24, 48\) of 100 "
+                                                   r"in-features each, splitting a block of 64"):
+            loader.load_linear(weights, column_shard([("layer", n)], k, 1, 4))
+        with pytest.raises(QuantConfigError, match=r"in_features 100 is not a multiple of blocksize 64.*rank 0 of 2"):
+            loader.load_linear(weights, row_shard("layer", k, n, 0, 2))
+
+
 def test_float_layers(tmp_path):
     """llm_int8_skip_modules and layers stored in float (lm_head) load as dense weights, in 4 and 8 bits."""
     gen = torch.Generator().manual_seed(3)
