@@ -238,7 +238,7 @@ def test_observer_and_calibration_seed_options(tiny_model, tmp_path, capsys):
         out[observer] = tmp_path / observer
         assert quantize(tiny_model, out[observer], "--bits", "4", "--group-size", "32", "--asym",
                         "--observer", observer, "--calib-seed", "3") == 0
-        assert f"act-order none observer {observer} ->" in capsys.readouterr().out
+        assert f"act-order weight observer {observer} ->" in capsys.readouterr().out  # act order weight: the default
     scales = {o: load_file(p / "model.safetensors")["model.layers.1.mlp.down_proj.scales"].float()
               for o, p in out.items()}
     assert bool((scales["mse"] <= scales["minmax"]).all()) and bool((scales["mse"] < scales["minmax"]).any())
