@@ -197,6 +197,9 @@ def table(args) -> int:
     """Markdown: one row per point (per model and eval window), perplexity per held-out text,
     geometric mean, and each text's perplexity relative to RTN at the same bits/group/observer."""
     done = json.loads((args.work / "results.json").read_text())
+    if args.points:  # these rows, in this order
+        wanted = args.points.split(",")
+        done = {k: done[k] for p in wanted for k in done if k.split("|")[1] == p}
     lines = []
     for key, record in done.items():
         model, point, windows = key.split("|")
@@ -245,6 +248,7 @@ def main() -> int:
     o.add_argument("point")
     t = sub.add_parser("table", help="markdown table of the cached results")
     t.add_argument("--out", default=None)
+    t.add_argument("--points", default=None, help="comma-separated points to show, in this order (default: all)")
     args = p.parse_args()
     if args.model is None:
         from engine.default_model import prepare_default
