@@ -333,3 +333,19 @@ def test_bench_serve_against_the_server(server):
     row = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in out.splitlines() if ":" in line)}
     assert row["completed"] == "6/6", out
     assert float(row["output tokens/s"]) > 0 and float(row["requests/s"]) > 0
+
+
+def test_a_taken_port_is_an_error_before_the_model_loads():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        start = time.monotonic()
+        proc = subprocess.run([str(BIN / "qshard"), "serve", "--model", "default", "--port", str(port)],
+                              capture_output=True, text=True, timeout=120, env=child_env())
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"error: cannot listen on 127.0.0.1:{port}" in proc.stderr
+    assert "loading rank" not in proc.stderr and "Traceback" not in proc.stderr
+    print(f"taken port refused in {time.monotonic() - start:.1f}s")
