@@ -44,6 +44,7 @@ FORMATS = {  # name -> (kind, bits, group_size, sym, act_order)
     "gptq3": ("gptq", 3, 128, False, False),
     "int8": ("int8", 8, -1, True, False),
     "fp8": ("fp8", 8, -1, True, False),
+    "nf4": ("lut4", 4, 64, True, False),  # bitsandbytes nf4, blocksize 64 (kernels.lut_matmul)
 }
 CPU_DEFAULTS = dict(models=["square-2048"], m=[1, 16], formats=["gptq4", "awq4", "gptq8", "int8"])
 CUDA_DEFAULTS = dict(models=["llama-2-7b", "llama-2-70b", "llama-3-8b"], m=list(M_ALL),
@@ -277,7 +278,7 @@ def bench_layer(model, layer, K, N, fmt, ms, act, device, timer, copy_gbs, args)
             t_tiny = timer(lambda: torch._weight_int4pack_mm(x, rotating(packed, "t"), group, scales_zeros))
             row["tinygemm_us"] = t_tiny * 1e6
             row["vs_tinygemm"] = t_tiny / t_q
-        if prepared.backend == "triton":
+        if prepared.backend == "triton" and hasattr(prepared, "choose_config"):  # the LUT4 kernel has no tuner
             row["config"] = asdict(prepared.choose_config(M, device))
             if args.sweep:
                 row["sweep"] = sweep_configs(quantized, x, timer, row["bytes"])
@@ -362,6 +363,12 @@ def random_layout(fmt: str, K: int, N: int, device: torch.device):
         return kernels.GPTQLayout(qweight=words(packed_size(K, bits), N), scales=scales,
                                   qzeros=None if sym else words(G, packed_size(N, bits)), g_idx=g_idx, bits=bits,
                                   group_size=group, in_features=K, out_features=N)
+    if kind == "lut4":
+        codes = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=gen).to(device)
+        absmax = (torch.rand(N, K // group, generator=gen) + 0.5) / math.sqrt(K)
+        table = torch.tensor([-1.0, -0.696, -0.525, -0.395, -0.284, -0.185, -0.091, 0.0, 0.080, 0.161, 0.246, 0.338,
+                              0.441, 0.563, 0.723, 1.0])  # NF4's values, rounded
+        return kernels.layouts.LUT4Layout(codes, absmax.to(device), table.to(device), group)
     if kind == "int8":
         w = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=gen).to(device)
         return kernels.Int8Layout(weight=w, scales=(torch.rand(N, generator=gen) / 128 / math.sqrt(K)).to(device))
