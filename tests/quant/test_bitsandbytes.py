@@ -212,6 +212,15 @@ def test_blocks_across_rows(tmp_path, n, storage):
             loader.load_linear(weights, row_shard("layer", k, n, 0, 2))
 
 
+def test_column_rank_reads_only_its_rows(tmp_path):
+    from tests.quant.checkpoints import CountingWeights
+
+    tensors, _ = four_bit_tensors("layer", torch.randn(N, K) * 0.05, "nf4", 64, True, torch.uint8)
+    weights = CountingWeights(_saved(tmp_path, tensors))
+    BnbLoader.from_config(four_bit_config("nf4", True)).load_linear(weights, column_shard([("layer", N)], K, 2, 4))
+    assert weights.read_by_name["layer.weight"] == N * K // 2 // 4  # its 24 rows' code bytes, no more
+
+
 def test_float_layers(tmp_path):
     """llm_int8_skip_modules and layers stored in float (lm_head) load as dense weights, in 4 and 8 bits."""
     gen = torch.Generator().manual_seed(3)

@@ -111,6 +111,20 @@ def test_fused_gate_up_and_matmul(tmp_path):
             assert torch.allclose(lin(x), x @ want.T, atol=1e-5, rtol=1e-5)
 
 
+def test_column_rank_reads_only_its_groups(tmp_path):
+    from tests.quant.checkpoints import CountingWeights
+
+    tensors, name, _ = quanto_layer("layer", torch.randn(N, 768) * 0.05, "qint4")
+    save(tmp_path, tensors, {"layer": {"weights": name, "activations": "none"}})
+    weights = CountingWeights(tmp_path)
+    loader = QuantoLoader.from_config({"quant_method": "quanto", "qmap_file": str(tmp_path / "quanto_qmap.json")})
+    loader.load_linear(weights, column_shard([("layer", N)], 768, 1, 4))
+    # 24 rows = groups [144, 288) of 576: packed rows 144..287 of run 0, 128 bytes each (their high nibbles
+    # hold groups 432..575, another rank's: quanto packs the two halves of the groups into one byte)
+    assert weights.read_by_name["layer.weight._data._data"] == 144 * 128
+    assert weights.read_by_name["layer.weight._scale"] == 144 * 4
+
+
 @pytest.mark.parametrize("qmap_text,match", [
     ('{"layer": {"weights": "qint4", ', r"quanto_qmap\.json is not valid JSON"),
     ('["layer"]', r"holds a JSON list"),
