@@ -64,11 +64,6 @@ def shards(prefix: str, n: int, k: int, tp: int):
         yield row_shard(prefix, k, n, rank, tp)
 
 
-def save(tmp_path, tensors) -> Weights:
-    save_file(tensors, str(tmp_path / "model.safetensors"))
-    return Weights(tmp_path)
-
-
 @pytest.mark.parametrize("quant_type,blocksize,nested,storage,dtype", [
     ("nf4", 64, False, torch.uint8, torch.float32),
     ("nf4", 64, True, torch.bfloat16, torch.float32),
