@@ -147,6 +147,31 @@ def test_tp3_equals_tp1_with_preemption_and_chunks(checkpoint):
     assert three_stats["kv_blocks_used"] == 0
 
 
+def test_step_input_carries_block_tables_and_sample_flags():
+    from engine.step import StepInput
+
+    step = StepInput([3, 5], [[1, 2, 3], [4]], [0, 7], [9], [False, True], None, 0,
+                     block_tables=[[1, 2], [3, 4, 5]], sample=[False, True])
+    back = StepInput.decode(step.encode())
+    assert (back.block_tables, back.sample, back.token_ids, back.context_lens, back.finished) == (
+        [[1, 2], [3, 4, 5]], [False, True], [[1, 2, 3], [4]], [0, 7], [9])
+
+
+def test_triton_backend_interpreted_equals_torch(checkpoint, reference, monkeypatch):
+    """The Triton paged kernels (interpreted on CPU): chunked prefill writes through rotary_kv at
+    (block, offset), decode is the fused paged kernel; tokens equal the torch backend's."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    prompts = [prompt(i, n) for i, n in enumerate((13, 14, 30))]  # 1, 1, 2 blocks, growing to 2, 2, 3
+    with make(checkpoint, kernels="triton", kv_cache_memory=kv_bytes(checkpoint, 5), max_num_batched_tokens=20,
+              max_num_seqs=3) as llm:
+        assert llm.executor.worker.model.layers[0].self_attn.attn.backend.name == "triton"
+        got = [o.token_ids for o in llm.generate(prompts, params)]
+        stats = llm.engine.stats()
+    assert got == [reference(p, params) for p in prompts]
+    assert stats["preemptions"] > 0 and stats["kv_blocks_used"] == 0
+
+
 @pytest.mark.cuda
 def test_cuda_graphs_and_fused_kernels_over_block_tables(checkpoint):
     """On a GPU: the Triton paged kernels with captured decode graphs (static block-table buffer)
