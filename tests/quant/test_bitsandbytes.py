@@ -1,6 +1,6 @@
 """bitsandbytes checkpoints made by bitsandbytes itself (its CPU backend), read per rank.
 
-- 4-bit nf4/fp4, blocksizes 64/128/256, plain and nested absmax, quant_storage uint8/bf16/fp16/fp32:
+- 4-bit nf4/fp4, blocksizes 64/128/256, plain and nested absmax, quant_storage uint8/int8/int32/bf16/fp16/fp32:
   each rank's weight at TP 1-4 (column and row layouts, and a fused gate_up) equals the slice of
   bitsandbytes' own `dequantize_4bit` of the whole weight, bit for bit.
 - LLM.int8: each rank's weight equals the TP=1 weight's slice bit for bit, and bitsandbytes'
@@ -70,6 +70,8 @@ def shards(prefix: str, n: int, k: int, tp: int):
     ("fp4", 64, True, torch.uint8, torch.float32),
     ("fp4", 128, False, torch.float16, torch.bfloat16),
     ("nf4", 256, True, torch.float32, torch.float16),
+    ("fp4", 64, False, torch.int32, torch.bfloat16),
+    ("nf4", 128, True, torch.int8, torch.float32),
 ])
 def test_four_bit_rank_slices_equal_bnb_dequantization(tmp_path, quant_type, blocksize, nested, storage, dtype):
     gen = torch.Generator().manual_seed(blocksize)
