@@ -104,16 +104,16 @@ def run_format(default_model_dir: Path, out_dir: Path, packer, quantize: Callabl
 
 
 def check_run(fmt: str, r: Run) -> None:
-    """The assertions and tolerances of tests/quant/test_default_model_formats.py."""
-    assert r.tokens_tp3 == r.tokens_tp1
-    assert all(len(t) == NEW_TOKENS for t in r.tokens_tp1)
+    """The assertions and tolerances of tests/quant/test_default_model_formats.py (figures printed first)."""
     tp_diff = (r.logprobs_tp3 - r.logprobs_tp1).abs().max().item()
     logit_diff = (r.logits_tp1 - r.hf_logits).abs().max().item()
     logprob_diff = (r.logprobs_tp1 - r.hf_logprobs).abs().max().item()
     quant_shift = (r.logits_tp1 - r.float_logits).abs().max().item()
     print(f"{fmt}: TP=3 vs TP=1 max |logprob diff| {tp_diff:.2e}; vs transformers (dequantized twin) max |logit diff| "
           f"{logit_diff:.2e}, max |logprob diff| {logprob_diff:.2e}; quantization moved logits by up to "
-          f"{quant_shift:.2f}; tokens {r.tokens_tp1}")
+          f"{quant_shift:.2f}; tokens TP=1 {r.tokens_tp1}, TP=3 {r.tokens_tp3}")
+    assert r.tokens_tp3 == r.tokens_tp1
+    assert all(len(t) == NEW_TOKENS for t in r.tokens_tp1)
     assert tp_diff < 1e-3
     assert logit_diff < 1e-3 and logprob_diff < 1e-3
     assert quant_shift > 1000 * logit_diff  # both sides really run the quantized weights
