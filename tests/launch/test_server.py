@@ -22,13 +22,14 @@ from tests.launch.server_helpers import (API_KEY, CHAT, MAX_TOKENS, launch_serve
 pytestmark = pytest.mark.slow
 
 MAX_MODEL_LEN = 1024
+MAX_IN_FLIGHT = 64
 
 
 @pytest.fixture(scope="module")
 def served(model_dir, tmp_path_factory):
     """The server, and LLM.generate / LLM.chat's texts computed while it loads."""
     s = launch_server(tmp_path_factory.mktemp("serve-tp1"), "--executor", "uni", "--dtype", "float32",
-                      "--api-key", API_KEY, "--max-model-len", str(MAX_MODEL_LEN))
+                      "--api-key", API_KEY, "--max-model-len", str(MAX_MODEL_LEN), "--max-in-flight", str(MAX_IN_FLIGHT))
     try:
         texts, chat, _, _ = llm_reference(model_dir)
         wait_ready(s)
@@ -306,6 +307,51 @@ def test_prefix_cache_a_repeated_system_prompt_is_not_prefilled_again(server):
     assert answers[0] == answers[1]
     assert prompt_tokens > 200 and hits[1] >= (prompt_tokens // block - 1) * block > hits[0], (hits, prompt_tokens)
     print(f"prefix cache: {prompt_tokens}-token prompt, cached tokens found {hits[0]:.0f} then {hits[1]:.0f}")
+
+
+def test_beyond_max_in_flight_is_429_and_closing_every_stream_frees_everything(server):
+    """64 open streams fill --max-in-flight: the 65th request gets 429 (the server still answers
+    /health); all 64 clients going away at once leave no request, sequence or KV block behind."""
+    body = {"model": server.model, "prompt": "Count: one, two,", "max_tokens": 300, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+
+    async def scenario():
+        limits = httpx.Limits(max_connections=MAX_IN_FLIGHT + 8)
+        async with httpx.AsyncClient(timeout=120, limits=limits, headers=headers) as client:
+            first_chunk = asyncio.Event()
+            got = 0
+
+            async def hold_open(release: asyncio.Event):
+                nonlocal got
+                async with client.stream("POST", f"{server.url}/v1/completions", json=body) as r:
+                    assert r.status_code == 200
+                    counted = False
+                    # keep reading (a dropped line iterator would close the stream), until released
+                    async for line in r.aiter_lines():
+                        if release.is_set():
+                            break
+                        if line.startswith("data: {") and not counted:
+                            counted, got = True, got + 1
+                            if got >= MAX_IN_FLIGHT:
+                                first_chunk.set()
+                    assert release.is_set(), "a stream ended before the clients left"
+
+            release = asyncio.Event()
+            holders = [asyncio.create_task(hold_open(release)) for _ in range(MAX_IN_FLIGHT)]
+            await asyncio.wait_for(first_chunk.wait(), 120)
+            extra = await client.post(f"{server.url}/v1/completions", json={**body, "stream": False})
+            health = await client.get(f"{server.url}/health")
+            release.set()
+            await asyncio.gather(*holders)
+            return extra, health
+
+    extra, health = asyncio.run(scenario())
+    assert extra.status_code == 429, extra.text
+    assert _error(extra)["code"] == "too_many_requests" and health.status_code == 200
+    took, after = _settled(server, 10)
+    assert _idle(after) and took < 3.0, (took, after)
+    print(f"64 streams closed: engine idle {took:.2f}s later")
 
 
 def test_metrics_count_what_was_served(server):
