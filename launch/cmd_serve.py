@@ -93,7 +93,6 @@ def bind(host: str, port: int) -> socket.socket:
         sock.close()
         raise InputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     sock.listen(2048)
-    sock.set_inheritable(True)
     return sock
 
 
@@ -136,8 +135,8 @@ def _serve(llm, args, sock: socket.socket, api_key: str | None) -> int:
                          api_key=api_key, max_in_flight=args.max_in_flight)
     engine = AsyncEngine(llm.engine)
     app = create_app(engine, load_tokenizer(path), config)
-    server = _Server(uvicorn.Config(app, log_config=None, access_log=args.access_log, lifespan="on",
-                                    timeout_graceful_shutdown=5, timeout_keep_alive=5))
+    server = _uvicorn_server(uvicorn.Config(app, log_config=None, access_log=args.access_log, lifespan="on",
+                                            timeout_graceful_shutdown=5, timeout_keep_alive=5))
     host, port = sock.getsockname()[:2]
     logger.info("qshard serve: %s at http://%s:%d/v1 (tp=%d, executor %s%s)", name, host, port,
                 llm.config.tensor_parallel_size, llm.executor_name, ", API key required" if api_key else "")
@@ -151,18 +150,16 @@ def _serve(llm, args, sock: socket.socket, api_key: str | None) -> int:
     return 0
 
 
-class _Server:
-    """uvicorn's server without its signal handling (ours stops it; see _stop_on_signals)."""
+def _uvicorn_server(config):
+    """uvicorn's server without its own signal handling (ours stops it: _stop_on_signals)."""
+    import uvicorn
 
-    def __new__(cls, config):
-        import uvicorn
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            yield
 
-        class Server(uvicorn.Server):
-            @contextlib.contextmanager
-            def capture_signals(self):
-                yield
-
-        return Server(config)
+    return Server(config)
 
 
 @contextlib.contextmanager
