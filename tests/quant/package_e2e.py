@@ -44,13 +44,16 @@ def copy_tokenizer(default_model_dir: Path, out: Path) -> None:
             (out / name).write_bytes((default_model_dir / name).read_bytes())
 
 
-def run(default_model_dir: Path, path: Path, twin: dict[str, torch.Tensor]) -> dict:
+def run(default_model_dir: Path, path: Path, twin) -> dict:
+    """twin: the float32 weights by name, or a function making them (called after qshard's runs)."""
     from transformers import AutoModelForCausalLM
 
     from tests.quant.test_default_model_formats import _generate, _hf_run
 
     tokens1, logprobs1, logits1 = _generate(path, 1)
     tokens3, logprobs3, _ = _generate(path, 3)
+    if callable(twin):
+        twin = twin()
     model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
     float_logits, _, _ = _hf_run(model, tokens1)
     _, unexpected = model.load_state_dict(twin, strict=False)
