@@ -20,8 +20,9 @@ from parallel.sharding import column_shard, row_shard
 from quant.base import QuantConfigError
 from quant.quanto.loader import QuantoLoader
 from tests.quant.checkpoints import expected_slice
+from tests.quant.quanto_package import import_quanto
 
-quanto = pytest.importorskip("optimum.quanto")
+quanto = import_quanto()
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
