@@ -37,7 +37,7 @@ FORMATS: dict[str, Format] = {
     "fp8": Format("quant.fp8.loader:Fp8Loader"),
     "fbgemm_fp8": Format("quant.fp8.loader:FbgemmFp8Loader"),
     "gptq": Format("quant.gptq.loader:GPTQLoader", "quant.gptq.packer:GPTQPacker"),
-    "hqq": Format("quant.hqq.loader:HqqLoader"),
+    "hqq": Format("quant.hqq.loader:HqqLoader", "quant.hqq.packer:HqqPacker"),
     "eetq": Format("quant.int8.loader:EetqLoader"),
     "marlin": Format("quant.marlin.loader:MarlinLoader", "quant.marlin.packer:MarlinPacker"),
     "quanto": Format("quant.quanto.loader:QuantoLoader"),

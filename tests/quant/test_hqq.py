@@ -202,3 +202,32 @@ def test_default_model_tp3_equals_tp1_and_transformers(default_model_dir, tmp_pa
                                for tag in package_e2e.LINEARS}}
     path = package_e2e.write_checkpoint(default_model_dir, tmp_path / "hqq", tensors, config)
     package_e2e.check("hqq 4-bit g64 (down_proj 3-bit)", package_e2e.run(default_model_dir, path, twin))
+
+
+@pytest.mark.parametrize("bits,group_size", [(2, 32), (3, 16), (4, 64), (8, 32)])
+def test_packer_writes_what_hqq_and_qshard_read(tmp_path, bits, group_size):
+    """HqqPacker's tensors from an RTN result: hqq's own HQQLinear.load_state_dict reads them and its
+    dequantize() equals (q - z) * s in float16; qshard's loader at TP 1-4 equals its slices."""
+    from quant.calibrate import QuantArgs, rtn_quantize
+    from quant.hqq.packer import HqqPacker
+
+    n, k = 96, 192
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(bits)) * 0.05
+    r = rtn_quantize(w, QuantArgs(bits=bits, group_size=group_size, sym=False))
+    packer = HqqPacker(bits, group_size)
+    tensors = packer.pack("l", r, torch.float16)
+    g = torch.arange(k) // group_size
+    want = ((r.codes.half() - r.zeros[:, g].half()) * r.scales[:, g].half()).float()
+    h = hqq_quantize.HQQLinear(None, quant_config=None, compute_dtype=torch.float16, device="cpu",
+                               initialize=False)
+    h.load_state_dict({key[2:]: v.clone() for key, v in tensors.items()})
+    assert torch.equal(h.dequantize().float(), want)
+    path = save_checkpoint(tmp_path, tensors)
+    loader = get_loader(packer.quantization_config())
+    for tp in (1, 2, 3, 4):
+        for kind, r_, shard in shards(n, k, tp):
+            linear = loader.load_linear(CountingWeights(path, dtype=torch.float32), shard)
+            b = shard.blocks[0]
+            expect = want[b.start:b.stop] if kind == "column" else want[:, shard.k_start:shard.k_stop]
+            assert torch.equal(linear.dequantize(), expect)
+            assert linear.offsets is None  # integer zeros: the plain GPTQ kernels, no offset term
