@@ -23,7 +23,7 @@ from engine.engine_config import EngineConfig
 from kernels.errors import InputError
 
 DEFAULT_CPU_BYTES = 512 * 2**20
-FRESH_PAGES_BYTES = 64 * 2**20
+LAZY_ZERO_BYTES = 64 * 2**20  # CPU caches this large are zeroed block by block, as steps first use them
 
 
 def local_kv_heads(model_config: ModelConfig, world_size: int) -> int:
@@ -62,19 +62,38 @@ class KVCache:
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.dtype, self.device, self.block_size = dtype, device, block_size
         self.num_blocks = num_blocks  # the driver's blocks; block num_blocks is scratch
-        self.k, self.v = self._alloc(num_blocks + 1), self._alloc(num_blocks + 1)
         self._slot_blocks = 0  # see reserve()
+        self._allocate(num_blocks + 1)
 
-    def _alloc(self, blocks: int) -> torch.Tensor:
+    def _allocate(self, blocks: int, lazy_zero: bool = True) -> None:
+        """Attention masks positions past a sequence's length, but a NaN there would still poison the
+        sum (0 x NaN): every block must hold finite values before it is first read. A large CPU cache
+        is left unwritten (a zero fill would make the whole budget resident at start-up) and each block
+        is zeroed when a step first names it (`zero_new_blocks`); otherwise the cache starts zeroed."""
         shape = (self.num_layers, blocks, self.num_kv_heads, self.block_size, self.head_dim)
-        nbytes = 2 * self.num_layers * blocks * self.num_kv_heads * self.block_size * self.head_dim
-        if self.device.type == "cpu" and nbytes >= FRESH_PAGES_BYTES:
-            # An allocation this large is mapped fresh from the OS (glibc's mmap threshold is at most
-            # 32 MiB): zeroed pages, resident only once written, where a zero fill would make the
-            # whole budget resident at start-up. Smaller ones may reuse freed memory, so are zeroed:
-            # attention masks unwritten positions, but a NaN there would still poison the sum.
-            return torch.empty(shape, dtype=self.dtype)
-        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+        nbytes = 2 * torch.Size(shape).numel() * torch.empty(0, dtype=self.dtype).element_size()
+        if lazy_zero and self.device.type == "cpu" and nbytes >= LAZY_ZERO_BYTES:
+            self.k, self.v = torch.empty(shape, dtype=self.dtype), torch.empty(shape, dtype=self.dtype)
+            self._unzeroed = torch.ones(blocks, dtype=torch.bool)
+            self._unzeroed_count = blocks
+        else:
+            self.k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self._unzeroed, self._unzeroed_count = None, 0
+
+    def zero_new_blocks(self, block_tables: list[list[int]] | None) -> None:
+        """Zero the blocks of these tables that no step has named before (lazily zeroed caches only)."""
+        if not self._unzeroed_count or not block_tables:
+            return
+        ids = torch.tensor([b for table in block_tables for b in table], dtype=torch.long)
+        if ids.numel() == 0:
+            return
+        new = ids[self._unzeroed[ids]].unique()
+        if new.numel():
+            self.k[:, new] = 0
+            self.v[:, new] = 0
+            self._unzeroed[new] = False
+            self._unzeroed_count -= int(new.numel())
 
     @property
     def scratch_block(self) -> int:
@@ -93,7 +112,7 @@ class KVCache:
         m = -(-length // self.block_size)
         if slots * m > self.num_blocks:
             self.num_blocks = slots * m
-            self.k, self.v = self._alloc(self.num_blocks + 1), self._alloc(self.num_blocks + 1)
+            self._allocate(self.num_blocks + 1, lazy_zero=False)  # these callers send no block tables
         self._slot_blocks = max(self._slot_blocks, m)
 
     def slot_tables(self, slots: list[int]) -> list[list[int]]:

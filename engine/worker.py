@@ -112,6 +112,7 @@ class Worker:
                 self.sampler.forget(seq_id)
         if not step.seq_ids:
             return StepOutput([]) if self.ctx.rank == 0 else None
+        self.cache.zero_new_blocks(step.block_tables)
         if self._graph_step(step):
             logits = self.graphs.run([t[0] for t in step.token_ids], list(step.context_lens), step.block_tables)
             if self.ctx.rank != 0:

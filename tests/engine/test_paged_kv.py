@@ -5,6 +5,7 @@ repeated system prompt, chunked prefill beside running decodes, and TP=3 (mp, gl
 from __future__ import annotations
 
 import pytest
+import torch
 
 from engine.engine_config import EngineConfig
 from engine.kv_cache import block_bytes
@@ -195,3 +196,22 @@ def test_cuda_graphs_and_fused_kernels_over_block_tables(checkpoint):
              max_model_len=128, max_num_seqs=4) as llm:
         assert llm.engine.stats()["kv_blocks_total"] == 4 * 128 // BS  # profiled, clipped to what 4 x 128 need
         assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == tokens["torch"]
+
+
+def test_lazily_zeroed_cache_zeroes_each_block_when_first_named():
+    """A CPU cache over LAZY_ZERO_BYTES is allocated unwritten: whatever the memory held (NaN here)
+    must never reach attention, where 0 x NaN poisons the masked sum."""
+    from engine.kv_cache import LAZY_ZERO_BYTES, KVCache
+
+    layers, heads, block, dim = 4, 2, 16, 64
+    blocks = LAZY_ZERO_BYTES // (2 * layers * heads * block * dim * 4) + 1
+    cache = KVCache(layers, heads, dim, torch.float32, torch.device("cpu"), blocks, block)
+    cache.k.fill_(float("nan"))
+    cache.v.fill_(float("nan"))
+    cache.zero_new_blocks([[3, 5], [5, 9]])
+    for b in (3, 5, 9):
+        assert cache.k[:, b].eq(0).all() and cache.v[:, b].eq(0).all()
+    assert cache.k[:, 4].isnan().all() and cache.v[:, 0].isnan().all()
+    cache.k[:, 3] = 1.0  # written by a step: named again, it keeps its values
+    cache.zero_new_blocks([[3, 4]])
+    assert cache.k[:, 3].eq(1).all() and cache.k[:, 4].eq(0).all()

@@ -265,17 +265,8 @@ def test_tile_layout_is_torchs_cuda_packing_and_tinygemm_dequantization():
 # -- the default model in torchao formats, end to end ------------------------------------------
 
 
-# int8 at TP=3 gave NaN logprobs after the first token (tokens [7042, 0, 0, ...]) in 4 of 4 runs under
-# pytest with the pytest-timeout plugin loaded (signal or thread method), and passed with -p no:timeout
-# and in 5 of 5 plain-script runs of the same steps (TP=1 == TP=3, max |logprob diff| 4.3e-6,
-# |logit diff| vs the twin 4.1e-5): an engine-side race or uninitialised buffer is suspected (the
-# driver runs rank 0 in this process), not this loader. Left visible as a non-strict xfail.
-INT8_TP3_FLAKE = pytest.mark.xfail(reason="TP=3 NaN under pytest-timeout (see comment); passes with -p no:timeout",
-                                   strict=False)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", [pytest.param("int8", marks=INT8_TP3_FLAKE), "int4-tile-packed"])
+@pytest.mark.parametrize("kind", ["int8", "int4-tile-packed"])
 def test_default_model_tp3_equals_tp1_and_transformers(default_model_dir, tmp_path, kind):
     """SmolLM2 as Int8WeightOnlyConfig (quantized and saved by transformers' TorchAoConfig) and as
     tinygemm tile-packed int4, group 64 (torchao's tinygemm quantization, tiles packed here): qshard
