@@ -1,5 +1,6 @@
 """`qshard bench throughput --num-prompts P`: the offline engine on bench serve's mixed-length
-prompts prints its table and offline.json with every prompt's tokens counted."""
+prompts prints its table and offline.json with every prompt's tokens counted, and HF transformers'
+generate on the same prompts as its baseline."""
 
 from __future__ import annotations
 
@@ -24,5 +25,9 @@ def test_num_prompts_runs_the_mixed_prompts_offline(model_dir, tmp_path):
     assert result["num_prompts"] == 5 and result["output_tokens"] == 5 * 4  # ignore_eos: every token generated
     assert result["prompt_tokens"] > sum(LENGTHS_WORDS)  # one prompt of each length, >= a token per word
     assert result["output_tokens_per_s"] > 0 and "output tokens/s" in proc.stdout
+    assert [r["batch"] for r in result["hf"]] == [8, 32, 64] and all(r["prompts"] == 5 for r in result["hf"])
+    best = max(r["output_tokens_per_s"] for r in result["hf"])
+    assert result["vs_hf_best"] == pytest.approx(result["output_tokens_per_s"] / best)
+    assert "qshard / HF at batch" in proc.stdout
     prompts = mixed_prompts(5)
     assert [len(p.split()) for p in prompts] == list(LENGTHS_WORDS) and mixed_prompts(5) == prompts
