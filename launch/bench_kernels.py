@@ -45,6 +45,7 @@ FORMATS = {  # name -> (kind, bits, group_size, sym, act_order)
     "int8": ("int8", 8, -1, True, False),
     "fp8": ("fp8", 8, -1, True, False),
     "nf4": ("lut4", 4, 64, True, False),  # bitsandbytes nf4, blocksize 64 (kernels.lut_matmul)
+    "aqlm-2x8": ("codebook", 2, 8, True, False),  # AQLM 2 codebooks x 8 bits, in-groups of 8 (kernels.codebook_matmul)
 }
 CPU_DEFAULTS = dict(models=["square-2048"], m=[1, 16], formats=["gptq4", "awq4", "gptq8", "int8"])
 CUDA_DEFAULTS = dict(models=["llama-2-7b", "llama-2-70b", "llama-3-8b"], m=list(M_ALL),
@@ -369,6 +370,15 @@ def random_layout(fmt: str, K: int, N: int, device: torch.device):
         table = torch.tensor([-1.0, -0.696, -0.525, -0.395, -0.284, -0.185, -0.091, 0.0, 0.080, 0.161, 0.246, 0.338,
                               0.441, 0.563, 0.723, 1.0])  # NF4's values, rounded
         return kernels.layouts.LUT4Layout(codes, absmax.to(device), table.to(device), group)
+    if kind == "codebook":  # bits: codebooks of 2**8 vectors; group: the vectors' width along K
+        from kernels.layouts import CodebookBlock, CodebookLayout, CodebookPart
+
+        books, width = bits, group
+        codes = torch.randint(0, 256, (N, K // width, books), dtype=torch.int32, generator=gen).to(device)
+        codebooks = (torch.randn(1, books, 256, 1, width, generator=gen) / math.sqrt(K)).to(device)
+        part = CodebookPart(codes, codebooks, (torch.rand(N, generator=gen) + 0.5).to(device), group_cols=K,
+                            k_offset=0, out_skip=0, out_features=N, in_features=K)
+        return CodebookLayout((CodebookBlock((part,)),))
     if kind == "int8":
         w = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=gen).to(device)
         return kernels.Int8Layout(weight=w, scales=(torch.rand(N, generator=gen) / 128 / math.sqrt(K)).to(device))
