@@ -182,6 +182,7 @@ def run(args) -> int:
     from launch.bench_prompts import mixed_prompts
 
     check_arguments(args)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request would bury the table
     key = args.api_key or os.environ.get("QSHARD_API_KEY")
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     args.url = args.url.rstrip("/")
