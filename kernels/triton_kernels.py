@@ -126,21 +126,18 @@ def _load(ptrs, mask, other, MASKED: tl.constexpr):
     return tl.load(ptrs)
 
 
-# lop3 LUT 0xEA = (a & b) | c: the nibbles at bits 0-3 and 16-19 OR-ed into the magic's two halves
-_PAIR_ASM_F16 = tl.constexpr("""{
-.reg .b32 t, one;
-lop3.b32 t, $2, 0x000F000F, 0x64006400, 0xEA;
-mov.b32 one, 0x3C003C00;
-fma.rn.f16x2 t, t, one, $3;
-mov.b32 {$0, $1}, t;
-}""")
-_PAIR_ASM_BF16 = tl.constexpr("""{
-.reg .b32 t, one;
-lop3.b32 t, $2, 0x000F000F, 0x43004300, 0xEA;
-mov.b32 one, 0x3F803F80;
-fma.rn.bf16x2 t, t, one, $3;
-mov.b32 {$0, $1}, t;
-}""")
+def _pair_asm(magic_pair: str, one_pair: str, fma: str) -> tl.constexpr:
+    """PTX for `_nibble_pair`: lop3 (LUT 0xEA = (a & b) | c) ORs the nibbles at bits 0-3 and 16-19 into
+    the magic's two halves; the packed fma (x 1 + $3) takes M + zero off both; the halves go out apart."""
+    return tl.constexpr("{\n.reg .b32 t, one;\n"
+                        f"lop3.b32 t, $2, 0x000F000F, {magic_pair}, 0xEA;\n"
+                        f"mov.b32 one, {one_pair};\n"
+                        f"{fma} t, t, one, $3;\n"
+                        "mov.b32 {$0, $1}, t;\n}")
+
+
+_PAIR_ASM_F16 = _pair_asm("0x64006400", "0x3C003C00", "fma.rn.f16x2")  # M = 1024
+_PAIR_ASM_BF16 = _pair_asm("0x43004300", "0x3F803F80", "fma.rn.bf16x2")  # M = 128
 
 
 @triton.jit
