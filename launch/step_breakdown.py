@@ -26,13 +26,17 @@ logger = logging.getLogger(__name__)
 DENSE_MATMUL = ("gemm", "gemv", "cutlass", "nvjet", "xmma", "cublas", "splitkreduce", "sm90_")
 
 
+QUANT_MATMUL = ("quant_matmul", "dequantize_kernel", "lut_matmul", "codebook")  # Triton kernels of kernels/
+ATTENTION = ("decode_attention", "paged_decode")  # the slot and the paged cache's decode kernels
+
+
 def kernel_kind(name: str) -> str:
     low = name.lower()
-    if "quant_matmul" in low:
+    if any(k in low for k in QUANT_MATMUL):
         return "quant_matmul"
     if any(k in low for k in DENSE_MATMUL):
         return "dense_matmul"
-    if "decode_attention" in low:
+    if any(k in low for k in ATTENTION):
         return "attention"
     return "other"
 
