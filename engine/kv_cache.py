@@ -114,6 +114,8 @@ class KVCache:
             self.num_blocks = slots * m
             self._allocate(self.num_blocks + 1, lazy_zero=False)  # these callers send no block tables
         self._slot_blocks = max(self._slot_blocks, m)
+        # a budget-sized cache is lazily zeroed: these blocks are read without a step naming them
+        self.zero_new_blocks(self.slot_tables(list(range(slots))))
 
     def slot_tables(self, slots: list[int]) -> list[list[int]]:
         m = self._slot_blocks

@@ -215,3 +215,12 @@ def test_lazily_zeroed_cache_zeroes_each_block_when_first_named():
     cache.k[:, 3] = 1.0  # written by a step: named again, it keeps its values
     cache.zero_new_blocks([[3, 4]])
     assert cache.k[:, 3].eq(1).all() and cache.k[:, 4].eq(0).all()
+    # callers that drive the model with slot numbers (tests, calibration) name no block tables:
+    # reserve() zeroes the blocks it hands them (the fused-kernel test read NaN garbage before)
+    cache.k.fill_(float("nan"))
+    cache.v.fill_(float("nan"))
+    cache._unzeroed.fill_(True)
+    cache._unzeroed_count = cache._unzeroed.numel()
+    cache.reserve(2, 40)  # 3 blocks a slot: blocks 0-5
+    assert cache.k[:, :6].eq(0).all() and cache.v[:, :6].eq(0).all()
+    assert cache.k[:, 6].isnan().all()
