@@ -42,6 +42,7 @@ class ForwardBatch:
     decode_kv_lens: torch.Tensor | None = None  # [Bd] int32, after this step
     decode_width: int = 0  # blocks covering the longest decode sequence (host; 0 when unknown)
     decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, decode_width * block_size] bool (CPU path)
+    cache_rows: torch.Tensor | None = None  # [T * Hkv] flat cache rows of the new keys (torch path, first store)
 
     @property
     def num_tokens(self) -> int:

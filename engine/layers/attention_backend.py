@@ -50,11 +50,22 @@ class AttentionShape:
 
 
 def gather_blocks(cache_layer: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
-    """[blocks, Hkv, bs, D] gathered by tables [B, W] → [B, Hkv, W * bs, D] (positions in order)."""
+    """[blocks, Hkv, bs, D] gathered by tables [B, W] → [B, Hkv, W * bs, D] (positions in order).
+    The (block, head) pairs are picked head-major, so the gather is the only copy (no transpose after)."""
     B, W = tables.shape
-    _, heads, bs, D = cache_layer.shape
-    picked = cache_layer.index_select(0, tables.reshape(-1).long()).view(B, W, heads, bs, D)
-    return picked.transpose(1, 2).reshape(B, heads, W * bs, D)
+    blocks, heads, bs, D = cache_layer.shape
+    rows = (tables.long() * heads).unsqueeze(1) + torch.arange(heads, device=tables.device).view(1, heads, 1)
+    return cache_layer.view(blocks * heads, bs, D).index_select(0, rows.view(-1)).view(B, heads, W * bs, D)
+
+
+def cache_rows(batch: ForwardBatch, heads: int) -> torch.Tensor:
+    """[T * Hkv] rows of a layer's cache viewed as [blocks * Hkv * bs, D] where the new tokens' keys
+    go (token-major, as k.reshape(-1, D) lists them); made once a step, shared by every layer."""
+    if batch.cache_rows is None:
+        head = torch.arange(heads, device=batch.token_blocks.device)
+        batch.cache_rows = ((batch.token_blocks.unsqueeze(1) * heads + head) * batch.block_size
+                            + batch.token_offsets.unsqueeze(1)).view(-1)
+    return batch.cache_rows
 
 
 class PagedAttention:
@@ -79,9 +90,10 @@ class PagedAttention:
         """(q, k, v) with q and k rotated; with a cache, k and v written at each token's (block, offset)."""
         q, k, v = shape.split(qkv)
         q, k = rotary(batch.positions, q, k)
-        if cache is not None:
-            cache.k[shape.layer][batch.token_blocks, :, batch.token_offsets] = k
-            cache.v[shape.layer][batch.token_blocks, :, batch.token_offsets] = v
+        if cache is not None:  # index_copy_ on flat rows: far cheaper than a [blocks, :, offsets] index_put
+            rows, D = cache_rows(batch, shape.kv_heads), shape.head_dim
+            cache.k[shape.layer].view(-1, D).index_copy_(0, rows, k.reshape(-1, D))
+            cache.v[shape.layer].view(-1, D).index_copy_(0, rows, v.reshape(-1, D))
         return q, k, v
 
     def decode(self, shape: AttentionShape, q: torch.Tensor, out: torch.Tensor, batch: ForwardBatch,
@@ -94,9 +106,14 @@ class PagedAttention:
                                    tokens=idx, out=out)
             return
         keys, values = gather_blocks(k_cache, batch.decode_tables), gather_blocks(v_cache, batch.decode_tables)
-        o = F.scaled_dot_product_attention(q[idx].unsqueeze(2), keys, values, attn_mask=batch.decode_mask,
-                                           scale=shape.scale, enable_gqa=shape.heads != shape.kv_heads)
-        out[idx] = o.squeeze(2)
+        everyone = batch.all_decode  # every token decodes: no row picking either way
+        o = F.scaled_dot_product_attention((q if everyone else q[idx]).unsqueeze(2), keys, values,
+                                           attn_mask=batch.decode_mask, scale=shape.scale,
+                                           enable_gqa=shape.heads != shape.kv_heads).squeeze(2)
+        if everyone:
+            out.copy_(o)
+        else:
+            out[idx] = o
 
     def prefill(self, shape: AttentionShape, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 cache: KVCache | None, batch: ForwardBatch, i: int) -> torch.Tensor:
