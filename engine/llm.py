@@ -21,7 +21,7 @@ from engine.engine_config import EngineConfig
 from engine.executor import available as available_executors
 from engine.executor import executor_class, resolve_name
 from engine.prompts import as_prompt_list, check_conversation, check_prompt
-from engine.request_output import RequestOutput
+from engine.request_output import CompletionOutput, RequestOutput
 from engine.sampling import SamplingParams
 from engine.weights import checkpoint_files
 from kernels.errors import InputError
@@ -191,7 +191,7 @@ class LLM:
         start = time.perf_counter()
         outputs = self._run(requests, use_tqdm)
         elapsed = time.perf_counter() - start
-        self.executor.end_of_call([o.token_ids for o in outputs])
+        self.executor.end_of_call(results_for_followers(outputs))
         generated = sum(len(o.token_ids) for o in outputs)
         logger.info("generated %d tokens for %d prompts in %.2fs (%.1f tokens/s)", generated, len(outputs), elapsed,
                     generated / max(elapsed, 1e-9))
@@ -201,10 +201,10 @@ class LLM:
 
     def _follow(self, prompts) -> list[RequestOutput]:
         outputs = []
-        for i, (prompt, ids) in enumerate(zip(prompts, self.executor.follow())):
+        for i, (prompt, completions) in enumerate(zip(prompts, completions_from_results(self.executor.follow()))):
             text, prompt_ids = self._tokenize(i, prompt)
-            outputs.append(RequestOutput(text, prompt_ids, self._decode(ids),
-                                         ids, None))
+            done = [CompletionOutput(j, self._decode(ids), ids, None) for j, ids in enumerate(completions)]
+            outputs.append(RequestOutput(text, prompt_ids, done[0].text, done[0].token_ids, None, outputs=done))
         return outputs
 
     # -- the loop -------------------------------------------------------------------------------
@@ -227,3 +227,22 @@ class LLM:
                 if request_id not in final:
                     self.engine.abort(request_id)
         return [final[request_id] for request_id, *_ in requests]
+
+
+def results_for_followers(outputs: list[RequestOutput]) -> list[list[int]]:
+    """What SPMD followers get when a call ends: per request, [n] then its n completions' token ids."""
+    results = []
+    for o in outputs:
+        results.append([len(o.outputs)])
+        results.extend(c.token_ids for c in o.outputs)
+    return results
+
+
+def completions_from_results(results: list[list[int]]) -> list[list[list[int]]]:
+    """The inverse of results_for_followers: each request's completions' token ids."""
+    requests, i = [], 0
+    while i < len(results):
+        n = results[i][0]
+        requests.append([list(ids) for ids in results[i + 1:i + 1 + n]])
+        i += 1 + n
+    return requests

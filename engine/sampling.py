@@ -83,11 +83,16 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     def completion_seed(self, index: int) -> int | None:
-        """The seed of completion `index` of n: the request's own for the first (so n=1 draws as
-        it always did), a distinct one derived from it for the others."""
-        if self.seed is None or index == 0:
-            return self.seed
-        return (self.seed + index * 0x9E3779B97F4A7C15) % 2**64  # golden-ratio stride: no two collide
+        return completion_seed(self.seed, index)
+
+
+def completion_seed(seed: int | None, index: int) -> int | None:
+    """The seed of completion `index` of a request's n: the request's own for the first (so n=1
+    draws as it always did), a distinct one derived from it for the others. The engine's `n` and
+    the server's per-choice requests both use it, so the same seed gives the same n answers."""
+    if seed is None or index == 0:
+        return seed
+    return (seed + index * 0x9E3779B97F4A7C15) % 2**64  # golden-ratio stride: no two collide
 
 
 @dataclass

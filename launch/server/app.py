@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from engine.async_engine import AsyncEngine, EngineStopped
 from engine.prompts import check_prompt
 from engine.request_output import RequestOutput
+from engine.sampling import completion_seed
 from kernels.errors import InputError, QShardError
 from launch.server import metrics
 from launch.server.protocol import (ApiError, ChatRequest, CompletionRequest, chat_body, chat_logprobs,
@@ -207,8 +208,8 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServeConfig) -> FastAPI:
         for i, (text, ids) in enumerate(tokenized):
             budget = token_budget(body.max_tokens, 16, len(ids), "max_tokens")
             for j in range(body.n):
-                seed = None if body.seed is None else body.seed + j
-                plans.append((i * body.n + j, text, ids, sampling_params(body, budget, body.logprobs, seed)))
+                plans.append((i * body.n + j, text, ids,
+                              sampling_params(body, budget, body.logprobs, completion_seed(body.seed, j))))
         check_ready(len(plans))
         call = _Call(engine, "cmpl")
         for index, text, ids, params in plans:
@@ -270,8 +271,7 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServeConfig) -> FastAPI:
         if body.top_logprobs is not None and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs=true", "top_logprobs")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        plans = [(j, sampling_params(body, budget, logprobs, None if body.seed is None else body.seed + j))
-                 for j in range(body.n)]
+        plans = [(j, sampling_params(body, budget, logprobs, completion_seed(body.seed, j))) for j in range(body.n)]
         check_ready(len(plans))
         call = _Call(engine, "chatcmpl")
         for index, params in plans:

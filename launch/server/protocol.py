@@ -5,7 +5,7 @@ Fields OpenAI has and qshard cannot honour (`suffix`, `best_of` > 1, `logit_bias
 refused with a 400 naming them rather than ignored; unknown fields are ignored, as vLLM does.
 Beyond OpenAI's fields the requests take vLLM's sampling extras: top_k, min_p,
 repetition_penalty, stop_token_ids, ignore_eos, include_stop_str_in_output. `n` completions are
-n engine requests (seed, when given, + i for completion i).
+n engine requests (completion i seeded as the engine seeds its own n: engine.sampling.completion_seed).
 """
 
 from __future__ import annotations

@@ -21,16 +21,21 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @functools.lru_cache(maxsize=None)
-def llm_reference(model_dir: Path) -> tuple[list[str], str, list[dict], int]:
+# a sampled request with n and a seed: the server's n choices must equal the engine's n completions
+SAMPLED = dict(max_tokens=6, temperature=1.0, n=2, seed=7)
+
+
+def llm_reference(model_dir: Path) -> tuple[list[str], str, list[dict], int, list[str]]:
     """LLM.generate(PROMPTS) and LLM.chat(CHAT) greedy texts in process (TP=1, float32), once per
-    test session: (texts, chat text, CHAT, MAX_TOKENS)."""
+    test session, and PROMPTS[0] sampled under SAMPLED: (texts, chat text, CHAT, MAX_TOKENS, sampled)."""
     from engine import LLM, SamplingParams
 
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
     with LLM(model_dir, dtype="float32", progress=False) as llm:
         texts = [o.text for o in llm.generate(PROMPTS, params)]
         chat = llm.chat(CHAT, params)[0].text
-    return texts, chat, CHAT, MAX_TOKENS
+        sampled = [c.text for c in llm.generate(PROMPTS[:1], SamplingParams(**SAMPLED))[0].outputs]
+    return texts, chat, CHAT, MAX_TOKENS, sampled
 
 
 @dataclass

@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from tests.launch.conftest import BIN, PROMPTS, child_env
-from tests.launch.server_helpers import (API_KEY, CHAT, MAX_TOKENS, launch_server, llm_reference, stop_server,
-                                         wait_ready)
+from tests.launch.server_helpers import (API_KEY, CHAT, MAX_TOKENS, SAMPLED, launch_server, llm_reference,
+                                         stop_server, wait_ready)
 
 pytestmark = pytest.mark.slow
 
@@ -31,9 +31,9 @@ def served(model_dir, tmp_path_factory):
     s = launch_server(tmp_path_factory.mktemp("serve-tp1"), "--executor", "uni", "--dtype", "float32",
                       "--api-key", API_KEY, "--max-model-len", str(MAX_MODEL_LEN), "--max-in-flight", str(MAX_IN_FLIGHT))
     try:
-        texts, chat, _, _ = llm_reference(model_dir)
+        texts, chat, _, _, sampled = llm_reference(model_dir)
         wait_ready(s)
-        yield s, (texts, chat)
+        yield s, (texts, chat, sampled)
     finally:
         code, left = stop_server(s)
     assert code == 0 and not left, f"exit {code}, left {left}:\n{s.log_tail()}"
@@ -62,7 +62,7 @@ def _stream_text(stream, chat: bool) -> tuple[str, str | None, object]:
 
 
 def test_completions_and_chat_equal_llm_generate(server, expected):
-    texts, chat_text = expected
+    texts, chat_text, _ = expected
     client = server.client()
     got = client.completions.create(model=server.model, prompt=PROMPTS, max_tokens=MAX_TOKENS, temperature=0)
     assert [c.text for c in sorted(got.choices, key=lambda c: c.index)] == texts
@@ -83,7 +83,7 @@ def test_completions_and_chat_equal_llm_generate(server, expected):
 
 
 def test_n_logprobs_and_stop_through_the_api(server, expected):
-    texts, _ = expected
+    texts, _, sampled = expected
     client = server.client()
     got = client.completions.create(model=server.model, prompt=PROMPTS[0], max_tokens=6, temperature=0, n=2,
                                     logprobs=2)
@@ -94,6 +94,8 @@ def test_n_logprobs_and_stop_through_the_api(server, expected):
     assert all(x <= 0 for x in lp.token_logprobs) and all(1 <= len(t) <= 3 for t in lp.top_logprobs)
     assert "".join(lp.tokens) == got.choices[0].text
     assert got.usage.completion_tokens == 12
+    seeded = client.completions.create(model=server.model, prompt=PROMPTS[0], **SAMPLED)  # n=2, seed 7
+    assert [c.text for c in sorted(seeded.choices, key=lambda c: c.index)] == sampled  # the engine's own n
     reply = client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=5, temperature=0,
                                            logprobs=True, top_logprobs=2)
     content = reply.choices[0].logprobs.content

@@ -34,7 +34,7 @@ def test_tp3_server_answers_like_llm_generate(model_dir, tmp_path, launch):
     start = time.monotonic()
     server = launch_server(tmp_path, *args, "--dtype", "float32", "--api-key", API_KEY, command=command)
     try:
-        expected_texts, expected_chat, chat, max_tokens = llm_reference(model_dir)  # while it loads
+        expected_texts, expected_chat, chat, max_tokens, _ = llm_reference(model_dir)  # while it loads
         wait_ready(server)
         up = time.monotonic() - start
         ranks = descendants(server.proc.pid)
