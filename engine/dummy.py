@@ -63,6 +63,21 @@ QUANTS: dict[str, dict[str, Any] | None] = {
     "gptq-w4g128": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True,
                     "checkpoint_format": "gptq"},
     "awq-w4g128": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"},
+    "bnb-nf4": {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+                "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": False, "bnb_4bit_quant_storage": "uint8"},
+    "bnb-int8": {"quant_method": "bitsandbytes", "load_in_4bit": False, "load_in_8bit": True, "llm_int8_threshold": 6.0},
+    "hqq-w4g64": {"quant_method": "hqq", "skip_modules": ["lm_head"],
+                  "quant_config": {"weight_quant_params": {"nbits": 4, "channel_wise": True, "group_size": 64,
+                                                           "axis": 1, "view_as_float": False}}},
+    "quanto-int4": {"quant_method": "quanto", "weights": "int4", "activations": None,
+                    "modules_to_not_convert": ["lm_head"]},
+    "quanto-int8": {"quant_method": "quanto", "weights": "int8", "activations": None,
+                    "modules_to_not_convert": ["lm_head"]},
+    "torchao-int4-g128": {"quant_method": "torchao", "modules_to_not_convert": None, "quant_type": {"default": {
+        "_type": "Int4WeightOnlyConfig", "_version": 2, "_data": {"group_size": 128, "int4_packing_format": "plain"}}}},
+    "torchao-int8": {"quant_method": "torchao", "modules_to_not_convert": None, "quant_type": {"default": {
+        "_type": "Int8WeightOnlyConfig", "_version": 2,
+        "_data": {"granularity": {"_type": "PerRow", "_version": 1, "_data": {"dim": -1}}}}}},
 }
 
 WEIGHT_STD = 0.02  # HF's initializer_range for Llama
@@ -78,7 +93,7 @@ def write_config(shape: str, quant: str, out_dir: str | Path) -> Path:
         raise ConfigError(f"unknown dummy quantization {quant!r}; known: {', '.join(QUANTS)}")
     cfg = dict(SHAPES[shape])
     if QUANTS[quant] is not None:
-        group = QUANTS[quant]["group_size"]
+        group = QUANTS[quant].get("group_size") or 1  # formats nesting theirs check it in random_tensors
         for field in ("hidden_size", "intermediate_size"):
             if cfg[field] % group:
                 raise ConfigError(f"{quant} needs {field} divisible by group_size {group}; shape {shape} has "
@@ -184,8 +199,9 @@ class DummyWeights:
             raise ValueError(f"tensor {name} has shape {self.get_shape(name)}, expected {list(shape)}")
         return self.read(name)
 
-    def read(self, name: str, index: tuple[slice, ...] | None = None) -> torch.Tensor:
-        """The box `index` of tensor `name`, made on self.device (floats in self.dtype)."""
+    def read(self, name: str, index: tuple[slice, ...] | None = None, raw: bool = False) -> torch.Tensor:
+        """The box `index` of tensor `name`, made on self.device (floats in self.dtype; raw: in the
+        tensor's own dtype, as Weights.read(raw=True) gives the stored one)."""
         spec = self._spec(name)
         box = []
         for s, size in zip(_expand(index, len(spec.shape), name), spec.shape):
@@ -193,7 +209,8 @@ class DummyWeights:
             if step != 1:
                 raise ValueError(f"dummy tensor {name}: strided reads are not supported ({s})")
             box.append((start, max(start, stop)))
-        out_dtype = spec.dtype if spec.dtype is not None and not spec.dtype.is_floating_point else self.dtype
+        own = spec.dtype or self.dtype
+        out_dtype = own if raw or not own.is_floating_point else self.dtype
         out = self._make(name, spec, box, out_dtype)
         self.bytes_made += out.numel() * out.element_size()
         return out
@@ -210,6 +227,9 @@ class DummyWeights:
         if spec.kind == "group_ids":
             (a, b), = box
             return (torch.arange(a, b, device=dev) // int(spec.value)).to(dtype)
+        if spec.kind == "values":
+            whole = torch.tensor(spec.value, dtype=spec.dtype or dtype).reshape(spec.shape)
+            return whole[tuple(slice(a, b) for a, b in box)].to(dtype=dtype, device=dev)
         out = torch.empty(shape, dtype=dtype, device=dev)
         if out.numel() == 0:
             return out

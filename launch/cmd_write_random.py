@@ -77,7 +77,7 @@ def write_tensors(out_dir: Path, dtype: str = "float16", shard_bytes: int = 4 <<
     source = DummyWeights(ModelConfig.from_dir(out_dir), dtype=getattr(torch, dtype), seed=seed)
     writer = ShardWriter(out_dir, shard_bytes)
     for name in tqdm(source.names(), desc="writing tensors", unit="tensor", disable=not progress):
-        writer.add({name: source.read(name)})
+        writer.add({name: source.read(name, raw=True)})  # in the dtype its format stores (bnb absmax: float32)
     writer.close()
     return writer.total
 

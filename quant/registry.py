@@ -30,7 +30,7 @@ class Format:
 FORMATS: dict[str, Format] = {
     "aqlm": Format("quant.aqlm.loader:AqlmLoader", "quant.aqlm.packer:AqlmPacker"),
     "awq": Format("quant.awq.loader:AWQLoader", "quant.awq.packer:AWQPacker"),
-    "bitsandbytes": Format("quant.bitsandbytes.loader:BnbLoader"),
+    "bitsandbytes": Format("quant.bitsandbytes.loader:BnbLoader", "quant.bitsandbytes.packer:BnbPacker"),
     "compressed-tensors": Format("quant.compressed_tensors.loader:CompressedTensorsLoader",
                                  "quant.compressed_tensors.packer:CompressedTensorsPacker"),
     "exl2": Format("quant.exl2.loader:Exl2Loader", "quant.exl2.packer:Exl2Packer"),
@@ -40,9 +40,9 @@ FORMATS: dict[str, Format] = {
     "hqq": Format("quant.hqq.loader:HqqLoader", "quant.hqq.packer:HqqPacker"),
     "eetq": Format("quant.int8.loader:EetqLoader"),
     "marlin": Format("quant.marlin.loader:MarlinLoader", "quant.marlin.packer:MarlinPacker"),
-    "quanto": Format("quant.quanto.loader:QuantoLoader"),
+    "quanto": Format("quant.quanto.loader:QuantoLoader", "quant.quanto.packer:QuantoPacker"),
     "none": Format("quant.unquantized.loader:UnquantizedLoader"),
-    "torchao": Format("quant.torchao.loader:TorchaoLoader"),
+    "torchao": Format("quant.torchao.loader:TorchaoLoader", "quant.torchao.packer:TorchaoPacker"),
     "vptq": Format("quant.vptq.loader:VptqLoader", "quant.vptq.packer:VptqPacker"),
 }
 

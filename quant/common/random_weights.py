@@ -9,6 +9,8 @@ Kinds (`value` means):
     const      one int32 word everywhere (e.g. a zero point repeated in every field)
     scales     floats uniform in [0.75, 1.25] * value
     group_ids  int32 k // value along the tensor's one dim
+    values     the tensor's every element, row-major (`value` a tuple): a format's small fixed
+               tensors (a code table, a layer's shape, bookkeeping bytes); `fixed` makes one
 """
 
 from __future__ import annotations
@@ -17,19 +19,31 @@ from dataclasses import dataclass
 
 import torch
 
-KINDS = ("uniform", "ones", "codes", "const", "scales", "group_ids")
+KINDS = ("uniform", "ones", "codes", "const", "scales", "group_ids", "values")
 
 
 @dataclass(frozen=True)
 class RandomTensor:
     shape: tuple[int, ...]
     kind: str
-    value: float | int = 0.0
+    value: float | int | tuple = 0.0
     dtype: torch.dtype | None = None  # None: the model's float dtype
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"random tensor kind {self.kind!r} is not one of {KINDS}")
+        if self.kind == "values":
+            count = 1
+            for size in self.shape:
+                count *= size
+            if not isinstance(self.value, tuple) or len(self.value) != count:
+                raise ValueError(f"a 'values' random tensor of shape {list(self.shape)} needs a tuple of {count} "
+                                 f"values, got {self.value!r}")
+
+
+def fixed(t: torch.Tensor) -> RandomTensor:
+    """A small tensor stored exactly as given (kind 'values')."""
+    return RandomTensor(tuple(t.shape), "values", tuple(t.flatten().tolist()), t.dtype)
 
 
 def const_word(code: int, bits: int) -> int:

@@ -1,6 +1,8 @@
 """Writing HQQ checkpoints (the inverse of quant.hqq.loader): a layer's integer codes and zero
 points (e.g. RTN from quant.calibrate) in hqq's packing, with the bookkeeping tensors HQQLinear's
-state dict carries, so that hqq itself (HQQLinear.load_state_dict) and transformers read them."""
+state dict carries, so that hqq itself (HQQLinear.load_state_dict) and transformers read them;
+and random hqq weights (random codes in every field, mid-range zeros, small scales, the same
+bookkeeping tensors)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from typing import Any
 import torch
 
 from quant.base import Packer, QuantConfigError
+from quant.common.random_weights import RandomTensor, fixed, uniform_code_scale
 from quant.hqq.config import METHOD, HqqConfig
 from quant.hqq.packing import PACKING_OF_BITS, PACKINGS, PackedCodes
 
@@ -67,6 +70,14 @@ class HqqPacker(Packer):
         meta = {
             "W_q": pack_codes(result.codes.reshape(groups.groups, self.group_size), packing),
             "scale": result.scales.reshape(-1, 1).to(COMPUTE_DTYPE), "zero": result.zeros.reshape(-1, 1).to(COMPUTE_DTYPE),
+            **self.bookkeeping(n, k),
+        }
+        return {f"{prefix}.{key}": value for key, value in meta.items()}
+
+    def bookkeeping(self, n: int, k: int) -> dict[str, torch.Tensor]:
+        """The tensors HQQLinear's state dict carries beside W_q / scale / zero."""
+        packing = PACKING_OF_BITS[self.bits]
+        return {
             "shape": torch.tensor([n, k]), "nbits": torch.tensor(self.bits, dtype=torch.int32),
             "group_size": torch.tensor(self.group_size, dtype=torch.int32), "axis": torch.tensor(1, dtype=torch.int32),
             "packing": _text(packing), "unpack_view_dtype": _text(str(PACKINGS[packing][2])),
@@ -75,7 +86,27 @@ class HqqPacker(Packer):
             "stores_quant_config": _flag(True), "channel_wise": _flag(True), "optimize": _flag(False),
             "round_zero": _flag(False),
         }
-        return {f"{prefix}.{key}": value for key, value in meta.items()}
+
+    def random_tensors(self, prefix: str, out_features: int, in_features: int,
+                       weight_std: float) -> dict[str, RandomTensor]:
+        """Every field of W_q random (uniform codes), the mid-range zero 2^(b-1), float16 scales
+        giving `weight_std`. 5- and 6-bit codes sit in 8-bit fields, where a random byte is no code."""
+        n, k = out_features, in_features
+        if self.bits in (5, 6):
+            raise QuantConfigError(f"random hqq weights are 1/2/3/4/8-bit: {self.bits}-bit codes are stored in 8-bit "
+                                   f"fields, where most random bytes are not {self.bits}-bit codes")
+        if k % self.group_size:
+            raise QuantConfigError(f"{prefix}: hqq group_size={self.group_size} does not divide in_features={k}")
+        packing = PACKING_OF_BITS[self.bits]
+        codes = PackedCodes(packing, n * k // self.group_size, self.group_size)
+        codes.check_exact(f"{prefix}.W_q")
+        word = PACKINGS[packing][2]
+        groups = (codes.groups, 1)
+        tensors = {"W_q": RandomTensor(tuple(codes.stored_shape(word)), "codes", dtype=word),
+                   "scale": RandomTensor(groups, "scales", uniform_code_scale(self.bits, weight_std), COMPUTE_DTYPE),
+                   "zero": RandomTensor(groups, "const", 1 << (self.bits - 1), COMPUTE_DTYPE)}
+        tensors.update({key: fixed(t) for key, t in self.bookkeeping(n, k).items()})
+        return {f"{prefix}.{key}": value for key, value in tensors.items()}
 
     def quantization_config(self) -> dict[str, Any]:
         """As transformers' HqqConfig writes it."""

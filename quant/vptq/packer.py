@@ -1,6 +1,7 @@
 """Writes VPTQ layers (the inverse of quant.vptq.loader) from `VptqCodes`, as transformers'
 VPTQ integration reads them: packed int32 index streams, int16 outlier indices and perm, the
-codebooks as nn.Embedding weights; the quantization_config lists every layer it wrote."""
+codebooks as nn.Embedding weights; the quantization_config lists every layer it wrote. Built
+from a quantization_config (`for_config`), it writes random VPTQ weights of the layers it lists."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from typing import Any
 import torch
 
 from quant.base import Packer, QuantConfigError
+from quant.common.random_weights import RandomTensor
 from quant.vptq.bitstream import pack_entries
-from quant.vptq.config import METHOD, VptqLayer
+from quant.vptq.config import METHOD, VptqLayer, VptqParams
 
 
 @dataclass
@@ -64,9 +66,70 @@ def uint16_bits(t: torch.Tensor) -> torch.Tensor:
 class VptqPacker(Packer):
     method = METHOD
 
-    def __init__(self, packed: bool = True):
+    def __init__(self, packed: bool = True, params: VptqParams | None = None):
         self.packed = packed
+        self.params = params  # for_config: the layers random weights follow
         self.layers: dict[str, dict[str, Any]] = {}
+
+    @classmethod
+    def for_config(cls, config: dict[str, Any]) -> "VptqPacker":
+        params = VptqParams.parse(config)
+        every = [*params.layers.values(), *params.shared.values()]
+        packed = {layer.is_indice_packed for layer in every}
+        if len(packed) > 1:
+            raise QuantConfigError("the vptq packer writes every layer's indices one way; the quantization_config "
+                                   "mixes is_indice_packed true and false")
+        packer = cls(packed.pop() if packed else True, params)
+        packer.layers = {name: layer.to_config() for name, layer in params.layers.items()}
+        return packer
+
+    def random_tensors(self, prefix: str, out_features: int, in_features: int,
+                       weight_std: float) -> dict[str, RandomTensor]:
+        """Random packed indices (every entry a valid index: power-of-two codebooks), float16
+        centroids (and residual / outlier centroids) uniform so that the sum has `weight_std`, the
+        identity perm, scale 1 and bias 0. A layer the config does not list, or leaves float
+        (modules_to_not_convert), gets a float weight."""
+        n, k = out_features, in_features
+        layer = self.params.layer(prefix) if self.params is not None else None
+        skipped = self.params is not None and any(prefix == m or prefix.endswith("." + m)
+                                                  for m in self.params.not_converted)
+        if layer is None or skipped:
+            return {f"{prefix}.weight": RandomTensor((n, k), "uniform", weight_std * 3 ** 0.5)}
+        L = layer
+        if L.outlier_cols + L.group_num * L.group_size != k:
+            raise QuantConfigError(f"vptq layer {prefix}: outlier_size {L.outlier_cols} + group_num {L.group_num} x "
+                                   f"group_size {L.group_size} != in_features {k}")
+        if not L.is_indice_packed:
+            raise QuantConfigError(f"random vptq weights are written with packed indices (is_indice_packed=true); "
+                                   f"layer {prefix} has is_indice_packed=false")
+        for field, count, bits in (("num_centroids", L.num_centroids, L.index_bits),
+                                   ("num_res_centroids", L.num_res_centroids, L.res_bits)):
+            if bits and count != 1 << bits:
+                raise QuantConfigError(f"vptq layer {prefix}: random indices fill whole {bits}-bit fields, so "
+                                       f"{field}={count} must be a power of two")
+        if L.has_outliers and L.num_outlier_centroids != 1 << 16:
+            raise QuantConfigError(f"vptq layer {prefix}: random outlier indices are whole 16-bit words, so "
+                                   f"num_centroids[0]={L.num_outlier_centroids} must be 65536")
+        books = 2 if L.has_residual else 1
+        half = weight_std * (3 / books) ** 0.5  # a sum of `books` uniforms in [-half, half] has weight_std
+        words = -(-L.group_size * (L.index_bits + L.res_bits) // 32)
+        out = {"centroids.weight": RandomTensor((L.group_num, L.num_centroids * L.vector_len), "uniform", half,
+                                                torch.float16),
+               "indices": RandomTensor((L.group_num, -(-n // L.vector_len), words), "codes", dtype=torch.int32)}
+        if L.has_residual:
+            out["res_centroids.weight"] = RandomTensor((L.group_num, L.num_res_centroids * L.vector_len), "uniform",
+                                                       half, torch.float16)
+        if L.has_outliers:
+            ovl = L.outlier_vector_len
+            out["outlier_centroids.weight"] = RandomTensor((1, L.num_outlier_centroids * ovl), "uniform",
+                                                           weight_std * 3 ** 0.5, torch.float16)
+            out["outlier_indices"] = RandomTensor((1, -(-n // ovl), L.outlier_size), "codes", dtype=torch.int16)
+        if L.enable_perm:
+            out["perm"] = RandomTensor((k,), "group_ids", 1, torch.int16)  # the identity (uint16 bits)
+        if L.enable_norm:
+            out["weight_scale"] = RandomTensor((k,), "ones", dtype=torch.float16)
+            out["weight_bias"] = RandomTensor((k,), "const", 0, torch.float16)
+        return {f"{prefix}.{key}": value for key, value in out.items()}
 
     def pack(self, prefix: str, result: VptqCodes, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         L = result.layer
@@ -101,5 +164,9 @@ class VptqPacker(Packer):
         return {k: v.contiguous() for k, v in out.items()}
 
     def quantization_config(self) -> dict[str, Any]:
-        return {"quant_method": METHOD, "config_for_layers": dict(self.layers), "shared_layer_config": {},
-                "enable_proxy_error": False}
+        shared = {} if self.params is None else {name: layer.to_config() for name, layer in self.params.shared.items()}
+        config = {"quant_method": METHOD, "config_for_layers": dict(self.layers), "shared_layer_config": shared,
+                  "enable_proxy_error": False}
+        if self.params is not None and self.params.not_converted:
+            config["modules_to_not_convert"] = list(self.params.not_converted)
+        return config
