@@ -18,6 +18,14 @@ import torch
 
 
 @dataclass
+class DecodeBucket:
+    token_rows: torch.Tensor  # [b] long: the bucket's decode tokens' rows in the step
+    tables: torch.Tensor  # [b, w] int32: their block tables, cut to the bucket's width
+    mask: torch.Tensor | None  # [b, 1, 1, w * block_size] bool: positions within each length (None: all)
+    everyone: bool  # the bucket holds every decode sequence
+
+
+@dataclass
 class ForwardBatch:
     token_ids: torch.Tensor  # [T] long
     positions: torch.Tensor  # [T] long
@@ -41,7 +49,7 @@ class ForwardBatch:
     decode_tables: torch.Tensor | None = None  # [Bd, W'] int32
     decode_kv_lens: torch.Tensor | None = None  # [Bd] int32, after this step
     decode_width: int = 0  # blocks covering the longest decode sequence (host; 0 when unknown)
-    decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, decode_width * block_size] bool (CPU path)
+    _decode_buckets: list["DecodeBucket"] | None = None  # see decode_buckets() (CPU path)
     cache_rows: torch.Tensor | None = None  # [T * Hkv] flat cache rows of the new keys (torch path, first store)
 
     @property
@@ -112,10 +120,32 @@ class ForwardBatch:
         index = torch.tensor(self.decode_seq_index, **long)
         self.decode_tables = self.tables.index_select(0, index)[:, :self.decode_width]
         self.decode_kv_lens = torch.tensor(kv_lens, dtype=torch.int32, device=device)
-        if kv_lens and any(n != self.decode_width * bs for n in kv_lens):
-            span = torch.arange(self.decode_width * bs)
-            self.decode_mask = (span[None, :] < torch.tensor(kv_lens)[:, None])[:, None, None, :].to(device)
         return self
+
+    def decode_buckets(self) -> list["DecodeBucket"]:
+        """The decode sequences in groups of similar length, for attention that pads each group to
+        its longest member (the torch path): widths in blocks are rounded up to a power of two, so
+        no sequence is padded to more than twice its length, however mixed the batch. Made once a
+        step, after bind()."""
+        if self._decode_buckets is None:
+            bs = self.block_size
+            by_width: dict[int, list[int]] = {}
+            for j, i in enumerate(self.decode_seq_index):
+                blocks = -(-(self.context_lens[i] + 1) // bs)
+                by_width.setdefault(1 << (blocks - 1).bit_length(), []).append(j)
+            self._decode_buckets = []
+            for width, members in sorted(by_width.items()):
+                width = min(width, self.decode_width)
+                picked = torch.tensor(members, dtype=torch.long, device=self.device)
+                lens = torch.tensor([self.context_lens[self.decode_seq_index[j]] + 1 for j in members])
+                mask = None
+                if any(n != width * bs for n in lens.tolist()):
+                    span = torch.arange(width * bs)
+                    mask = (span[None, :] < lens[:, None])[:, None, None, :].to(self.device)
+                self._decode_buckets.append(DecodeBucket(self.decode_token_index.index_select(0, picked),
+                                                         self.decode_tables.index_select(0, picked)[:, :width],
+                                                         mask, len(members) == len(self.decode_seq_index)))
+        return self._decode_buckets
 
     @classmethod
     def decode_view(cls, token_ids: torch.Tensor, positions: torch.Tensor, token_blocks: torch.Tensor,

@@ -100,20 +100,20 @@ class PagedAttention:
                cache: KVCache) -> None:
         """Fill out's rows of the decode tokens: q [T, H, D] attends to each sequence's blocks."""
         k_cache, v_cache = cache.k[shape.layer], cache.v[shape.layer]
-        idx = batch.decode_token_index
         if q.is_cuda:
             paged_decode_attention(q, k_cache, v_cache, batch.decode_tables, batch.decode_kv_lens, shape.scale,
-                                   tokens=idx, out=out)
+                                   tokens=batch.decode_token_index, out=out)
             return
-        keys, values = gather_blocks(k_cache, batch.decode_tables), gather_blocks(v_cache, batch.decode_tables)
-        everyone = batch.all_decode  # every token decodes: no row picking either way
-        o = F.scaled_dot_product_attention((q if everyone else q[idx]).unsqueeze(2), keys, values,
-                                           attn_mask=batch.decode_mask, scale=shape.scale,
-                                           enable_gqa=shape.heads != shape.kv_heads).squeeze(2)
-        if everyone:
-            out.copy_(o)
-        else:
-            out[idx] = o
+        for bucket in batch.decode_buckets():  # similar lengths together: padding stays under 2x
+            keys, values = gather_blocks(k_cache, bucket.tables), gather_blocks(v_cache, bucket.tables)
+            whole = bucket.everyone and batch.all_decode  # every token, in order: no row picking
+            o = F.scaled_dot_product_attention((q if whole else q[bucket.token_rows]).unsqueeze(2), keys, values,
+                                               attn_mask=bucket.mask, scale=shape.scale,
+                                               enable_gqa=shape.heads != shape.kv_heads).squeeze(2)
+            if whole:
+                out.copy_(o)
+            else:
+                out[bucket.token_rows] = o
 
     def prefill(self, shape: AttentionShape, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 cache: KVCache | None, batch: ForwardBatch, i: int) -> torch.Tensor:

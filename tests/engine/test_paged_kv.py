@@ -224,3 +224,43 @@ def test_lazily_zeroed_cache_zeroes_each_block_when_first_named():
     cache.reserve(2, 40)  # 3 blocks a slot: blocks 0-5
     assert cache.k[:, :6].eq(0).all() and cache.v[:, :6].eq(0).all()
     assert cache.k[:, 6].isnan().all()
+
+
+def test_torch_decode_of_mixed_lengths_in_buckets_equals_attention_per_sequence():
+    """The torch path groups decode sequences by length (padding under 2x) and stores keys on flat
+    rows: each sequence's output equals plain float64 attention over its own keys and values."""
+    from engine.batch import ForwardBatch
+    from engine.kv_cache import KVCache
+    from engine.layers.attention_backend import AttentionShape, PagedAttention, cache_rows
+
+    g = torch.Generator().manual_seed(0)
+    heads, kv_heads, dim, bs = 6, 2, 32, 4
+    lens = [1, 3, 4, 9, 30, 5, 17]  # context before this step; one new token each
+    cache = KVCache(1, kv_heads, dim, torch.float32, torch.device("cpu"), 64, bs)
+    cache.k.normal_(generator=g)
+    cache.v.normal_(generator=g)
+    order = torch.randperm(64, generator=g).tolist()
+    tables, used = [], 0
+    for n in lens:
+        need = -(-(n + 1) // bs)
+        tables.append(order[used:used + need])
+        used += need
+    batch = ForwardBatch.build([[7]] * len(lens), lens, tables, torch.device("cpu")).bind(cache)
+    assert sorted(b.tables.shape[1] for b in batch.decode_buckets()) == [1, 2, 4, 8]
+    shape = AttentionShape(0, heads, kv_heads, dim)
+    qkv = torch.randn(len(lens), (heads + 2 * kv_heads) * dim, generator=g)
+    q, k, v = shape.split(qkv)
+    backend, out = PagedAttention(), torch.empty(len(lens), heads, dim)
+    rows = cache_rows(batch, kv_heads)  # the new token's key and value, where the store puts them
+    cache.k[0].view(-1, dim).index_copy_(0, rows, k.reshape(-1, dim))
+    cache.v[0].view(-1, dim).index_copy_(0, rows, v.reshape(-1, dim))
+    backend.decode(shape, q, out, batch, cache)
+    for i, n in enumerate(lens):
+        pos = torch.arange(n + 1)
+        blocks = torch.tensor(tables[i])[pos // bs]
+        keys = cache.k[0][blocks, :, pos % bs].double()  # [L, Hkv, D]
+        values = cache.v[0][blocks, :, pos % bs].double()
+        for h in range(heads):
+            kv = h // (heads // kv_heads)
+            p = torch.softmax(keys[:, kv] @ q[i, h].double() * shape.scale, 0)
+            assert torch.allclose(out[i, h].double(), p @ values[:, kv], atol=1e-5)
