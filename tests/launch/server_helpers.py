@@ -20,11 +20,11 @@ MAX_TOKENS = 12
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-@functools.lru_cache(maxsize=None)
 # a sampled request with n and a seed: the server's n choices must equal the engine's n completions
 SAMPLED = dict(max_tokens=6, temperature=1.0, n=2, seed=7)
 
 
+@functools.lru_cache(maxsize=None)
 def llm_reference(model_dir: Path) -> tuple[list[str], str, list[dict], int, list[str]]:
     """LLM.generate(PROMPTS) and LLM.chat(CHAT) greedy texts in process (TP=1, float32), once per
     test session, and PROMPTS[0] sampled under SAMPLED: (texts, chat text, CHAT, MAX_TOKENS, sampled)."""
