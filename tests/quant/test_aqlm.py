@@ -232,8 +232,7 @@ def default_model_run(default_model_dir, tmp_path_factory):
     return run_format(default_model_dir, tmp_path_factory.mktemp("aqlm") / "ckpt", AqlmPacker(2, 8, 2, 2), quantize)
 
 
-# The second codebook format's default-model run (~2.5 min on 2 cores; VPTQ's runs in every suite
-# through the same tests.quant.codebook_e2e path and kernel) only with QSHARD_ALL_FORMATS=1.
+# The default-model run (~2.5 min on 2 cores) only with QSHARD_ALL_FORMATS=1 (VPTQ's too).
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("QSHARD_ALL_FORMATS") != "1", reason="QSHARD_ALL_FORMATS=1 runs it")
 def test_default_model_tp3_equals_tp1_and_matches_transformers(default_model_run):

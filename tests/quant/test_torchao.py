@@ -7,6 +7,7 @@ dtype); the fused matmul matches the exact float64 weight; bad input is named.""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -266,7 +267,9 @@ def test_tile_layout_is_torchs_cuda_packing_and_tinygemm_dequantization():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["int8", "int4-tile-packed"])
+# int8 maps onto the same int8 kernel the int8 formats' default-model runs cover: QSHARD_ALL_FORMATS=1 only
+@pytest.mark.parametrize("kind", [pytest.param("int8", marks=pytest.mark.skipif(
+    os.environ.get("QSHARD_ALL_FORMATS") != "1", reason="QSHARD_ALL_FORMATS=1 runs it")), "int4-tile-packed"])
 def test_default_model_tp3_equals_tp1_and_transformers(default_model_dir, tmp_path, kind):
     """SmolLM2 as Int8WeightOnlyConfig (quantized and saved by transformers' TorchAoConfig) and as
     tinygemm tile-packed int4, group 64 (torchao's tinygemm quantization, tiles packed here): qshard
