@@ -14,7 +14,7 @@
 #   TESTS, JOBS    the tests step's pytest selection (tests/kernels); compile processes and pytest-xdist
 #                  workers (14; xdist is used when installed or its wheels are in build/whl)
 #   MODELS, MAIN_FORMAT, MORE_FORMATS   kernel shapes and formats (llama-2-7b; gptq4; gptq4-act awq4 int8 fp8)
-#   KERNEL_MS      the kernel steps' batch rows (1 2 4 ... 256)
+#   KERNEL_MS      the kernel steps' batch rows (1 2 4 ... 256); MORE_MS, MORE_MODELS: the same for MORE_FORMATS
 #   GRAPH_BATCHES  decode batch sizes (1,2,4,...,64); ENGINE_DEBUG=1 adds an in-process run with tracebacks
 #   DEADLINE       seconds after which steps are skipped (575: one part per 10-min run); PY (python3)
 #   TINY=1         the same steps at toy sizes on CPU (Triton's interpreter), to check the script
@@ -77,8 +77,10 @@ if want kernels; then
   tstep 240 $PY -m launch.cli bench kernels "${kernel_args[@]}" --formats $MAIN_FORMAT --m "${ms[@]}" \
     --json "$OUT/kernels-bf16-$MAIN_FORMAT.json"
   if [ -n "$MORE_FORMATS" ]; then
-    warm --models $MODELS --formats $MORE_FORMATS --m "${ms[@]}"
-    tstep 300 $PY -m launch.cli bench kernels "${kernel_args[@]}" --formats $MORE_FORMATS --m "${ms[@]}" \
+    more_ms=(${MORE_MS:-${ms[@]}}); more_models=${MORE_MODELS:-$MODELS}
+    [ "$TINY" = 1 ] && more_ms=(1)
+    warm --models $more_models --formats $MORE_FORMATS --m "${more_ms[@]}"
+    tstep 300 $PY -m launch.cli bench kernels "${kernel_args[@]}" --models $more_models --formats $MORE_FORMATS --m "${more_ms[@]}" \
       --json "$OUT/kernels-bf16-more.json"
   fi
 fi

@@ -32,6 +32,10 @@ def warm_one(job: tuple[str, int, int, str, int, str]) -> tuple[str, int, int, f
     prepared = kernels.prepare(random_layout(fmt, K, N, device), act, backend="triton")
     x = torch.randn(M, K, device=device).to(act)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if not hasattr(prepared, "spec"):  # LUT and codebook kernels: one fixed launch shape, no tuner
+        prepared.matmul(x)
+        torch.cuda.synchronize()
+        return f"{layer} {K}x{N} {fmt} {dtype} M={M}", 1, 0, time.perf_counter() - start
     cands = triton_configs.candidates(M, N, K, prepared.spec.per_word, sms, untimed=True)  # the sweep times them too
     failed = 0
     for cfg in cands:

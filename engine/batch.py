@@ -52,6 +52,12 @@ class ForwardBatch:
     _decode_buckets: list["DecodeBucket"] | None = None  # see decode_buckets() (CPU path)
     cache_rows: torch.Tensor | None = None  # [T * Hkv] flat cache rows of the new keys (torch path, first store)
 
+    def clear_step_cache(self) -> None:
+        """Forget the tensors derived lazily during a forward (a CUDA graph's static batch runs many
+        steps over the same buffers: they must be derived again inside the captured forward)."""
+        self.cache_rows = None
+        self._decode_buckets = None
+
     @property
     def num_tokens(self) -> int:
         return self.token_ids.numel()

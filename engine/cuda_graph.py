@@ -77,6 +77,9 @@ class DecodeGraphs:
                                         self.offsets[:size], self.tables[:size], self.kv_lens[:size], self.block_size)
 
     def _forward(self, batch: ForwardBatch) -> torch.Tensor:
+        # the batch object outlives the capture, but what a forward derives from its buffers once a
+        # step (the new keys' cache rows) must be derived inside the graph, on every replay
+        batch.clear_step_cache()
         return self.model.compute_logits(self.model(batch, self.cache))
 
     def can_run(self, batch_size: int) -> bool:

@@ -93,8 +93,13 @@ class CodebookTritonWeight(PreparedWeight):
         for b in layout.blocks:
             parts, start = [], 0
             for p in b.parts:
-                parts.append(_PreparedPart(p, act_dtype, start))
+                prepared = _PreparedPart(p, act_dtype, start)
+                parts.append(prepared)
                 start += p.in_features
+                # registered too, so that buffers() (memory reports, benchmarks) counts what the kernel reads
+                n = sum(1 for _ in self.buffers())
+                self.register_buffer(f"codes_{n}", prepared.codes, persistent=False)
+                self.register_buffer(f"books_{n}", prepared.books, persistent=False)
             perm = None if b.perm is None else b.perm.long()
             scale = None if b.col_scale is None else b.col_scale.to(act_dtype)
             bias = None if b.col_bias is None else b.col_bias.float()

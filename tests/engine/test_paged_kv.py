@@ -161,6 +161,10 @@ def test_step_input_carries_block_tables_and_sample_flags():
 def test_triton_backend_interpreted_equals_torch(checkpoint, reference, monkeypatch):
     """The Triton paged kernels (interpreted on CPU): chunked prefill writes through rotary_kv at
     (block, offset), decode is the fused paged kernel; tokens equal the torch backend's."""
+    import torch
+
+    if torch.cuda.is_available():  # kernel modules loaded interpreted would stay so for later CUDA tests
+        pytest.skip("compiled on this machine instead (test_cuda_graphs_and_fused_kernels_over_block_tables)")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     prompts = [prompt(i, n) for i, n in enumerate((13, 14, 30))]  # 1, 1, 2 blocks, growing to 2, 2, 3
@@ -184,13 +188,15 @@ def test_cuda_graphs_and_fused_kernels_over_block_tables(checkpoint):
         pytest.skip("no CUDA GPU")
     prompts = [prompt(i, 15 + 9 * i) for i in range(6)]
     tokens, stats = {}, {}
-    for kernels, graphs in (("torch", False), ("triton", True)):
+    for kernels, graphs in (("torch", False), ("triton", True), ("torch", True)):
         with LLM(checkpoint, dtype="float32", device="cuda", executor="uni", progress=False, block_size=BS,
                  kernels=kernels, cuda_graphs=graphs, kv_cache_memory=kv_bytes(checkpoint, 9),
                  max_num_batched_tokens=32, max_num_seqs=4) as llm:
-            tokens[kernels] = [o.token_ids for o in llm.generate(prompts, GREEDY)]
-            stats[kernels] = llm.engine.stats()
+            key = (kernels, True) if kernels == "torch" and graphs else kernels
+            tokens[key] = [o.token_ids for o in llm.generate(prompts, GREEDY)]
+            stats[key] = llm.engine.stats()
     assert tokens["triton"] == tokens["torch"]
+    assert tokens[("torch", True)] == tokens["torch"]  # the torch path's key writes under graphs
     assert stats["triton"]["preemptions"] > 0 and stats["triton"]["kv_blocks_used"] == 0
     with LLM(checkpoint, dtype="float32", device="cuda", executor="uni", progress=False, block_size=BS,
              max_model_len=128, max_num_seqs=4) as llm:
@@ -264,3 +270,26 @@ def test_torch_decode_of_mixed_lengths_in_buckets_equals_attention_per_sequence(
             kv = h // (heads // kv_heads)
             p = torch.softmax(keys[:, kv] @ q[i, h].double() * shape.scale, 0)
             assert torch.allclose(out[i, h].double(), p @ values[:, kv], atol=1e-5)
+
+
+def test_a_static_decode_batch_derives_its_cache_rows_again_each_step():
+    """A CUDA graph replays one ForwardBatch over buffers rewritten every step: after
+    clear_step_cache() (DecodeGraphs runs it inside each captured forward) the torch path stores
+    the new keys at the step's blocks, not at those of the step that first derived the rows."""
+    from engine.batch import ForwardBatch
+    from engine.kv_cache import KVCache
+    from engine.layers.attention_backend import AttentionShape, PagedAttention
+    from engine.layers.rotary import RotaryEmbedding
+
+    cache = KVCache(1, 2, 32, torch.float32, torch.device("cpu"), num_blocks=4, block_size=BS)
+    inputs = torch.zeros(4, 1, dtype=torch.long)  # token, position, block, offset
+    tables, lens = torch.zeros(1, 2, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
+    batch = ForwardBatch.decode_view(inputs[0], inputs[1], inputs[2], inputs[3], tables, lens, BS)
+    shape, rotary = AttentionShape(0, 2, 2, 32), RotaryEmbedding(32, 64, 10000.0, None, torch.float32, torch.device("cpu"))
+    backend = PagedAttention()
+    for block, offset in ((1, 3), (2, 5)):
+        inputs[2], inputs[3], inputs[1] = block, offset, offset
+        batch.clear_step_cache()
+        qkv = torch.randn(1, 6 * 32)
+        _, k, _ = backend.store(shape, qkv, batch, cache, rotary)
+        assert torch.equal(cache.k[0, block, :, offset], k[0])
