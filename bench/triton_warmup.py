@@ -36,7 +36,8 @@ def warm_one(job: tuple[str, int, int, str, int, str]) -> tuple[str, int, int, f
         prepared.matmul(x)
         torch.cuda.synchronize()
         return f"{layer} {K}x{N} {fmt} {dtype} M={M}", 1, 0, time.perf_counter() - start
-    cands = triton_configs.candidates(M, N, K, prepared.spec.per_word, sms, untimed=True)  # the sweep times them too
+    cands = triton_configs.candidates(M, N, K, prepared.spec.per_word, sms, untimed=True,  # the sweep times them too
+                                      permuted=prepared.spec.has_perm)
     failed = 0
     for cfg in cands:
         try:

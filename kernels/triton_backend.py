@@ -144,7 +144,7 @@ class TritonWeight(PreparedWeight):
         if cached is not None:
             return cached
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        cands = triton_configs.candidates(M, N, K, per_word, sms)
+        cands = triton_configs.candidates(M, N, K, per_word, sms, permuted=self.spec.has_perm)
 
         def make_runner():
             x = torch.randn(M, K, device=device).to(self.act_dtype)
@@ -188,7 +188,7 @@ class TritonWeight(PreparedWeight):
                            and s.weight != "dense"),
                 MAGIC_ASM=magic,
                 JOINED=cfg.joined,
-                PERM=s.has_perm,
+                PERM=s.has_perm and not cfg.permute_x,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return self._specialised[key]
@@ -198,6 +198,8 @@ class TritonWeight(PreparedWeight):
             torch.mm(x, self.dense_weight(x.dtype, cfg).T, out=y)
             return
         constexprs = self._constexprs(cfg, x.dtype)
+        if cfg.permute_x and self.perm is not None:  # x's columns in the sorted rows' order
+            x = x.index_select(1, self.perm)
         M, N, K = x.shape[0], self.out_features, self.in_features
         tiles = -(-M // cfg.block_m) * -(-N // cfg.block_n)
         ws, locks = (split_workspace(x.device, M * N, tiles) if cfg.split_k > 1 else (y, y))

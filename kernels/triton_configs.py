@@ -36,6 +36,9 @@ class KernelConfig:
     magic_asm: bool = True  # where it applies (triton_backend.magic_asm_applies): the lop3 4-bit unpack
     joined: bool = False  # with the lop3 unpack: the slices joined into one dot over the block (K order)
     dequant_mm: bool = False  # large M: dequantize the weight once (Triton) and multiply with cuBLAS
+    # act-order weights (rows sorted by group at load): x's columns permuted by one index_select per
+    # call and the plain kernel, instead of reading x through the permutation inside the kernel
+    permute_x: bool = False
 
 
 def m_bucket(M: int) -> int:
@@ -72,8 +75,11 @@ def split_k_for(M: int, N: int, K: int, block_m: int, block_n: int, block_k: int
     return split
 
 
-def candidates(M: int, N: int, K: int, per_word: int, sms: int, untimed: bool = False) -> list[KernelConfig]:
+def candidates(M: int, N: int, K: int, per_word: int, sms: int, untimed: bool = False,
+               permuted: bool = False) -> list[KernelConfig]:
     """A small ordered set for this M bucket; the first is the default. per_word: codes per word along K.
+    permuted: act-order weights, whose kernels read x through the rows' permutation; each candidate
+    then also comes with x permuted once before the launch (permute_x).
 
     Pruned by a sweep on an H100 (Llama-2-7B qkv and down, 4-bit and int8, M = 1, 16, 128): K-blocks
     of 256 lost in dot tiles, and 256-wide N tiles at M = 128; the GEMV won at M = 1 for 4-bit, a
@@ -126,6 +132,8 @@ def candidates(M: int, N: int, K: int, per_word: int, sms: int, untimed: bool = 
     # the lop3 slices joined into one dot per block, and, from M = 128, dequantize-once + cuBLAS.
     if untimed and per_word == 8:
         out += [replace(c, joined=True) for c in out if c.use_dot and not c.interleave]
+    if permuted:  # H200, 2026-12-03: reading x through the permutation made 7B qkv 1.6x slower at M = 1, 3.9x at 64
+        out += [replace(c, permute_x=True) for c in out]
     if untimed and bm >= 128 and per_word > 1:
         out.append(KernelConfig(True, 64, 64, 128, dequant_mm=True))
     return out

@@ -37,6 +37,8 @@ M_ALL = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 FORMATS = {  # name -> (kind, bits, group_size, sym, act_order)
     "gptq4": ("gptq", 4, 128, True, False),
     "gptq4-act": ("gptq", 4, 128, False, True),
+    "gptq4-asym": ("gptq", 4, 128, False, False),  # gptq4-act's plain-order twin (the act-order cost alone)
+    "gptq4-act-sym": ("gptq", 4, 128, True, True),  # gptq4's act-order twin
     "gptq4-ch": ("gptq", 4, -1, True, False),
     "awq4": ("awq", 4, 128, False, False),
     "gptq8": ("gptq", 8, 128, True, False),
@@ -319,7 +321,7 @@ def sweep_configs(quantized: list, x: torch.Tensor, timer, nbytes: int) -> list[
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     out = []
     for cfg in triton_configs.candidates(x.shape[0], first.out_features, first.in_features, first.spec.per_word, sms,
-                                         untimed=True):
+                                         untimed=True, permuted=first.spec.has_perm):
         it = [0]
 
         def call():

@@ -107,6 +107,33 @@ def test_every_kernel_variant(triton_device, case, use_dot, M, unpack):
     _assert_workspace_clean(x.device)
 
 
+@pytest.mark.parametrize("M", [1, 17])
+@pytest.mark.parametrize("use_dot", [False, True], ids=["gemv", "dot"])
+@pytest.mark.parametrize("case", ["gptq4-asym-g128-actorder", "gptq8-asym-g64-actorder", "gptq2-sym-g32-actorder"])
+def test_act_order_with_x_permuted_before_the_launch(triton_device, case, use_dot, M):
+    """permute_x: x's columns put in the sorted rows' order by one index_select, then the plain
+    kernel (no permutation inside), split over K and not; and the tuner offers it for act-order only."""
+    from kernels.triton_configs import KernelConfig, candidates
+
+    if M > 1 and not use_dot:
+        pytest.skip("the GEMV takes one row")
+    factory, options = CASES[case]
+    gen = _generator("permute-x", case, use_dot, M)
+    layout = make.to_device(factory(gen), triton_device)
+    prepared = kernels.prepare(layout, torch.bfloat16, backend="triton", **options)
+    assert prepared.spec.has_perm
+    bk = 128 if prepared.spec.per_word <= 8 else 256
+    x = torch.randn(M, layout.in_features, generator=gen).to(torch.bfloat16).to(triton_device)
+    for split in (1, 2):
+        config = KernelConfig(use_dot, 16 if use_dot else 1, 32, bk, split_k=split, permute_x=True)
+        assert not prepared._constexprs(config, x.dtype)["PERM"]
+        assert_matches_reference(_run(prepared, x, config), x, layout)
+    _assert_workspace_clean(x.device)
+    plain = candidates(M, 4096, 4096, 8, 132)
+    offered = candidates(M, 4096, 4096, 8, 132, permuted=True)
+    assert not any(c.permute_x for c in plain) and len(offered) == 2 * len(plain)
+
+
 @pytest.mark.parametrize("M", [1, 5, 16, 33])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("case", ["gptq4-sym-g128", "gptq4-asym-g128-actorder", "gptq4-asym-g128-actorder-even",
