@@ -85,14 +85,17 @@ class DecodeGraphs:
     def can_run(self, batch_size: int) -> bool:
         return batch_size <= self.max_batch
 
-    def run(self, token_ids: list[int], positions: list[int], tables: list[list[int]]) -> torch.Tensor:
+    def run(self, token_ids: list[int] | None, positions: list[int], tables: list[list[int]],
+            device_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, V] of one decode step; each sequence's new token sits at `positions`, its
-        blocks are `tables` (at least those covering positions + 1)."""
-        n = len(token_ids)
+        blocks are `tables` (at least those covering positions + 1). The tokens come from the host
+        (`token_ids`) or, for a step launched before the previous one's tokens were read, from
+        the device (`device_tokens` [B], copied into the graph's input row behind the upload)."""
+        n = len(positions)
         size = next(s for s in self.sizes if s >= n)
         staged, bs = self.staged, self.block_size
         self.copied.synchronize()  # normally long done: the previous step's results were read since
-        staged[0, :n] = token_ids
+        staged[0, :n] = token_ids if device_tokens is None else 0
         staged[1, :n] = positions
         for i, (p, table) in enumerate(zip(positions, tables)):
             used = p // bs + 1
@@ -113,6 +116,8 @@ class DecodeGraphs:
         self.inputs.copy_(self.staging, non_blocking=True)
         self.ints.copy_(self.int_staging, non_blocking=True)
         self.copied.record()
+        if device_tokens is not None:
+            self.token_ids[:n].copy_(device_tokens)
         self.graphs[size].replay()
         if timing:
             ended.record()

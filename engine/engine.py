@@ -14,6 +14,7 @@ without kv_cache_memory the ranks profile and agree on it, and the driver reads 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from typing import Any
 
 from engine.block_manager import BlockManager
@@ -24,8 +25,9 @@ from engine.kv_cache import num_kv_blocks
 from engine.output_processor import OutputProcessor, RequestState, completion_sequences
 from engine.request_output import RequestOutput
 from engine.sampling import SamplingParams
-from engine.scheduler import Scheduler, wants_prompt_logprobs
-from engine.step import StepInput
+from engine.scheduler import Scheduled, Scheduler, wants_prompt_logprobs
+from engine.sequence import Status
+from engine.step import PendingOutput, StepInput
 from kernels.errors import InputError
 
 
@@ -38,7 +40,14 @@ class LLMEngine:
         self.block_manager = BlockManager(driver_kv_blocks(executor, config, model_config), config.block_size,
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, self.block_manager)
-        self.counters = {"prefill_tokens": 0, "decode_tokens": 0, "steps": 0}
+        self.counters = {"prefill_tokens": 0, "decode_tokens": 0, "steps": 0, "continued_steps": 0}
+        self.async_scheduling = config.async_scheduling
+        if self.async_scheduling is None:
+            self.async_scheduling = executor.overlaps_by_default
+        elif self.async_scheduling and not executor.can_overlap:
+            raise InputError(f"async_scheduling=True needs an executor of one in-process rank (uni), not "
+                             f"{type(executor).__name__}")
+        self._in_flight: InFlight | None = None  # a launched step whose tokens are not read yet
         self.processor = OutputProcessor(model_config.eos_token_ids, config.max_model_len)
         self.requests: dict[Any, RequestState] = {}  # unfinished requests by request id
         self._seq_ids = itertools.count()  # the workers' ids: never reused, so no stale cache is ever read
@@ -77,12 +86,30 @@ class LLMEngine:
         return bool(self.requests)
 
     def step(self) -> list[RequestOutput]:
-        scheduled = self.scheduler.schedule()
-        finished = self.scheduler.take_finished_ids()
-        cut = self._report_cut()
-        if not scheduled:
-            self._drop(finished)
-            return cut
+        """Run one step and return the outputs of the requests it advanced. With async scheduling
+        a decode step is launched first, then (when the same sequences go on decoding) its
+        continuation is launched behind it on the device, and only then are the first step's tokens
+        read and processed: the host's work of one step overlaps the GPU's work of the next."""
+        flight = self._in_flight
+        if flight is not None and not any(item.seq.status is Status.RUNNING for item in flight.scheduled):
+            flight.pending.result()  # all its sequences ended meanwhile: nothing of it is used
+            self._in_flight = flight = None
+        cut: list[RequestOutput] = []
+        if flight is None:
+            scheduled = self.scheduler.schedule()
+            finished = self.scheduler.take_finished_ids()
+            cut = self._report_cut()
+            if not scheduled:
+                self._drop(finished)
+                return cut
+            step = self._step_input(scheduled, finished)
+            if not (self.async_scheduling and continuable(step)):
+                return cut + self._process(scheduled, self.executor.execute(step))
+            flight = InFlight(scheduled, self.executor.launch(step))
+        self._in_flight = self._launch_continuation(flight)
+        return cut + self._process(flight.scheduled, flight.pending.result())
+
+    def _step_input(self, scheduled: list[Scheduled], finished: list[int]) -> StepInput:
         batch = [item.seq for item in scheduled]
         bm = self.block_manager
         step = StepInput(
@@ -93,10 +120,49 @@ class LLMEngine:
             sampling=[s.params for s in batch], block_tables=[bm.table(s.seq_id) for s in batch],
             sample=[item.sample for item in scheduled])
         step.penalties = self._penalties(batch, step.token_ids, step.sample)
-        out = self.executor.execute(step)
+        return step
+
+    def _launch_continuation(self, flight: "InFlight") -> "InFlight | None":
+        """Launch the next decode step of the in-flight step's running sequences before its tokens
+        are known (each row's token is fed back on the device); None where the next step may
+        differ: requests waiting to be admitted, every sequence ending at this token, or too few
+        free blocks for the next positions (the next step then schedules, and preempts, as usual).
+        A sequence that turns out to end at the in-flight token has its continued row computed
+        and dropped."""
+        if self.scheduler.waiting:
+            return None
+        rows = [i for i, item in enumerate(flight.scheduled) if item.seq.status is Status.RUNNING]
+        seqs = [flight.scheduled[i].seq for i in rows]
+        if all(self._ends_by_length(s) for s in seqs):  # also when none is left
+            return None
+        bm = self.block_manager
+        # after the in-flight token a sequence holds num_tokens + 1 tokens, the last one computed next
+        need = sum(max(0, bm.blocks_for(s.num_tokens + 1) - len(bm.table(s.seq_id))) for s in seqs)
+        if need > bm.num_free:
+            return None
+        for s in seqs:
+            bm.append(s.seq_id, s.num_tokens + 1)
+        step = StepInput(
+            seq_ids=[s.seq_id for s in seqs], token_ids=[[-1] for _ in seqs],
+            context_lens=[s.num_cached + 1 for s in seqs], finished=self.scheduler.take_finished_ids(),
+            sampling=[s.params for s in seqs], block_tables=[bm.table(s.seq_id) for s in seqs],
+            previous_rows=rows)
+        self.counters["continued_steps"] += 1
+        return InFlight([Scheduled(s, 1, True) for s in seqs], self.executor.launch(step))
+
+    def _ends_by_length(self, seq) -> bool:
+        """Whether the sequence's next token (the in-flight one) is its last by max_tokens or length."""
+        return len(seq.output_token_ids) + 1 >= seq.params.max_tokens or seq.num_tokens + 1 >= self.max_model_len
+
+    def _process(self, scheduled: list[Scheduled], out) -> list[RequestOutput]:
+        """Append a computed step's tokens, run the stop checks, and make the outputs. A row whose
+        sequence ended or was aborted after the step was launched is dropped."""
+        batch = [item.seq for item in scheduled]
         self.counters["steps"] += 1
         advanced: dict[Any, RequestState] = {}  # in step order, each request once (n sequences each)
         for i, (seq, item) in enumerate(zip(batch, scheduled)):
+            if seq.status is not Status.RUNNING:
+                continue
             self._count(seq, item.num_tokens)
             self.scheduler.computed(item)
             if out.prompt_logprobs and out.prompt_logprobs[i] is not None:
@@ -107,7 +173,7 @@ class LLMEngine:
             reason = self.processor.append(state, out.token_ids[i], out.logprobs[i] if out.logprobs else None, seq)
             if reason:
                 self.scheduler.finish(seq, reason)
-        outputs = cut
+        outputs = []
         for request_id, state in advanced.items():
             if state.finished:
                 del self.requests[request_id]
@@ -160,6 +226,19 @@ class LLMEngine:
     def _drop(self, seq_ids: list[int]) -> None:
         if seq_ids:
             self.executor.execute(StepInput([], [], [], finished=seq_ids, sampling=[]))
+
+
+@dataclass
+class InFlight:
+    scheduled: list[Scheduled]
+    pending: PendingOutput
+
+
+def continuable(step: StepInput) -> bool:
+    """A step whose next one can be launched before its tokens are read: every row decodes one
+    token and samples it, and no row needs its tokens on the host first (penalty counts)."""
+    return (all(len(t) == 1 for t in step.token_ids) and all(step.samples(i) for i in range(len(step.seq_ids)))
+            and not any(step.prompt_logprobs) and step.penalties is None)
 
 
 def driver_kv_blocks(executor: Executor, config: EngineConfig, model_config: ModelConfig) -> int:

@@ -32,6 +32,9 @@ class EngineConfig:
     kv_cache_memory: int | None = None  # bytes of KV cache per rank (None: 512 MiB on CPU, profiled on CUDA)
     gpu_memory_utilization: float = 0.9  # CUDA without kv_cache_memory: share of the GPU weights + activations + cache may use
     enable_prefix_caching: bool = True  # reuse the cached blocks of an equal prompt prefix
+    # launch each decode step before the previous one's tokens are read, feeding them back on the
+    # device (engine.engine); None: where the executor does it well (one rank on CUDA)
+    async_scheduling: bool | None = None
 
     def __post_init__(self):
         from engine.layers.kernel_choice import check_kernels
@@ -42,6 +45,8 @@ class EngineConfig:
         if self.kv_cache_memory is not None and (not isinstance(self.kv_cache_memory, int)
                                                  or isinstance(self.kv_cache_memory, bool) or self.kv_cache_memory < 1):
             raise InputError(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory!r}")
+        if self.async_scheduling not in (None, True, False):
+            raise InputError(f"async_scheduling must be true, false or unset, got {self.async_scheduling!r}")
         if not isinstance(self.gpu_memory_utilization, (int, float)) or not 0 < self.gpu_memory_utilization <= 1:
             raise InputError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
 

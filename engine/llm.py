@@ -111,7 +111,7 @@ class LLM:
                  progress: bool = True, dist_timeout_s: float = 120.0, cuda_graphs: bool = True,
                  load_format: str = "auto", kernels: str = "auto", block_size: int = 16,
                  kv_cache_memory: int | None = None, gpu_memory_utilization: float = 0.9,
-                 enable_prefix_caching: bool = True, **executor_options: Any):
+                 enable_prefix_caching: bool = True, async_scheduling: bool | None = None, **executor_options: Any):
         plan = preflight(model, tensor_parallel_size, executor, device, dtype, load_format, max_num_seqs=max_num_seqs,
                          max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len, seed=seed)
         path, cfg = plan.path, plan.model_config
@@ -122,7 +122,11 @@ class LLM:
             max_model_len=min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings),
             seed=seed, progress=progress, dist_timeout_s=dist_timeout_s, cuda_graphs=cuda_graphs,
             load_format=load_format, kernels=kernels, block_size=block_size, kv_cache_memory=kv_cache_memory,
-            gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching)
+            gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
+            async_scheduling=async_scheduling)
+        if async_scheduling and plan.executor != "uni":  # before any rank starts
+            raise InputError(f"async_scheduling=True needs the uni executor (one in-process rank: the next step "
+                             f"reads the last one's tokens on its device), not {plan.executor!r}")
         self.tokenizer = load_tokenizer(path)
         self.executor_name = plan.executor
         self.executor = executor_class(self.executor_name)(self.config, **executor_options)

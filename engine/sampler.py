@@ -15,7 +15,8 @@ before anything else, greedy rows included, from per-sequence token counts kept 
 PenaltyTokens). Logprobs are those of the raw logits, before penalties and temperature (vLLM's
 default).
 
-Only the chosen token ids (and the asked-for logprobs) come back to the host: one copy per step.
+Only the chosen token ids (and the asked-for logprobs) come back to the host: one copy per step,
+queued behind the sampling (DeviceSample), so the next step can be launched before it is read.
 """
 
 from __future__ import annotations
@@ -201,6 +202,12 @@ class Sampler:
         """logits [B, V] (any device) → (token ids [B], per-sequence logprob dicts or None).
         penalties: each row's PenaltyTokens (None for rows without penalties; the list may be None
         when no row has any)."""
+        return self.sample_on_device(logits, seq_ids, params, penalties).to_host()
+
+    def sample_on_device(self, logits: torch.Tensor, seq_ids: list[int], params: list[SamplingParams],
+                         penalties: list[PenaltyTokens | None] | None = None) -> "DeviceSample":
+        """As sample(), without waiting: the tokens stay on the device (a next step may read them
+        there) and their copy to the host is under way; `to_host()` waits for it."""
         raw = logits
         penalized = [i for i, p in enumerate(params) if p.penalized]
         if penalized:
@@ -217,7 +224,7 @@ class Sampler:
                                        [params[i] for i in drawing])
             drawn = race(sub, rows, noise)
             tokens = drawn if index is None else tokens.index_copy(0, index, drawn)
-        return self._to_host(raw, tokens, params)
+        return DeviceSample(raw, tokens, params)
 
     def _penalize(self, logits: torch.Tensor, penalized: list[int], seq_ids: list[int],
                   params: list[SamplingParams], penalties: list[PenaltyTokens | None] | None) -> torch.Tensor:
@@ -288,18 +295,48 @@ class Sampler:
             gen = self.generators[seq_id] = torch.Generator(device=device).manual_seed(p.seed)
         return gen
 
-    @staticmethod
-    def _to_host(logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]):
-        """The step's one device-to-host copy: token ids, and the logprobs asked for."""
+
+class DeviceSample:
+    """One step's sampled tokens (and asked-for logprobs), made on the logits' device. Everything the
+    host needs is computed at once into one tensor, whose copy to pinned host memory is queued
+    behind the sampling kernels: the logits may be overwritten (a CUDA graph's next replay) and the
+    next step launched before `to_host()` waits for the copy, the step's one synchronisation."""
+
+    def __init__(self, logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]):
+        self.tokens = tokens  # [B] long, on the device
+        self.params = params
+        self.top_n = max((p.logprobs or 0) for p in params) if params else 0
         if all(p.logprobs is None for p in params):
-            return tokens.tolist(), None
-        lp = torch.log_softmax(logits, dim=-1)
-        columns = [tokens[:, None].double(), lp.gather(1, tokens[:, None]).double()]
-        top_n = max(p.logprobs or 0 for p in params)
-        if top_n:
-            top = lp.topk(top_n, dim=-1)
-            columns += [top.indices.double(), top.values.double()]  # token ids < 2^53: exact in float64
-        table = torch.cat(columns, dim=1).tolist()
+            table = tokens
+        else:
+            lp = torch.log_softmax(logits, dim=-1)
+            columns = [tokens[:, None].double(), lp.gather(1, tokens[:, None]).double()]
+            if self.top_n:
+                top = lp.topk(self.top_n, dim=-1)
+                columns += [top.indices.double(), top.values.double()]  # token ids < 2^53: exact in float64
+            table = torch.cat(columns, dim=1)
+        self._event = None
+        if table.is_cuda:
+            host = torch.empty(table.shape, dtype=table.dtype, pin_memory=True)
+            host.copy_(table, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+            table = host
+        self._table = table
+        self._result = None
+
+    def to_host(self) -> tuple[list[int], list[dict[int, float] | None] | None]:
+        """(token ids, per-sequence logprob dicts or None), waiting for the copy if needed."""
+        if self._result is None:
+            if self._event is not None:
+                self._event.synchronize()
+            self._result = self._unpack(self._table.tolist())
+        return self._result
+
+    def _unpack(self, table: list):
+        params, top_n = self.params, self.top_n
+        if all(p.logprobs is None for p in params):
+            return table, None
         out_tokens, logprobs = [], []
         for row, p in zip(table, params):
             chosen = int(row[0])

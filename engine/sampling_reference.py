@@ -51,6 +51,16 @@ def reference_draw(logits: torch.Tensor, p: SamplingParams, generator: torch.Gen
     return int(torch.multinomial(reference_filter(logits, p).softmax(-1), 1, generator=generator))
 
 
+class HostSample:
+    """A sample already on the host, with its tokens on the logits' device too (as DeviceSample)."""
+
+    def __init__(self, tokens: torch.Tensor, result: tuple):
+        self.tokens, self._result = tokens, result
+
+    def to_host(self) -> tuple:
+        return self._result
+
+
 class ReferenceSampler:
     """The CPU sampler the engine used before sampling moved to the device (same interface)."""
 
@@ -62,6 +72,12 @@ class ReferenceSampler:
     def forget(self, seq_id: int) -> None:
         self.generators.pop(seq_id, None)
         self.tokens.pop(seq_id, None)
+
+    def sample_on_device(self, logits: torch.Tensor, seq_ids: list[int], params: list[SamplingParams],
+                         penalties: list[PenaltyTokens | None] | None = None) -> "HostSample":
+        """The device sampler's interface (engine.sampler.DeviceSample): sampled here, at once."""
+        tokens, logprobs = self.sample(logits, seq_ids, params, penalties)
+        return HostSample(torch.tensor(tokens, dtype=torch.long, device=logits.device), (tokens, logprobs))
 
     def sample(self, logits: torch.Tensor, seq_ids: list[int], params: list[SamplingParams],
                penalties: list[PenaltyTokens | None] | None = None):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.sampling import PenaltyTokens, SamplingParams
+from kernels.errors import QShardError
 
 STOP = 1  # flag: followers leave their loop
 END_OF_CALL = 2  # flag: the driver's generate() call is over (SPMD followers return)
@@ -31,11 +32,18 @@ class StepInput:
     block_tables: list[list[int]] = field(default_factory=list)
     # whether a sequence samples this step (False: a prefill chunk before its prompt's last); empty: all do
     sample: list[bool] = field(default_factory=list)
+    # a decode step launched before the previous step's tokens reached the host (async scheduling):
+    # row i's new token is the one the previous step sampled in its row previous_rows[i], read on
+    # the device (None: the tokens are in token_ids)
+    previous_rows: list[int] | None = None
 
     def samples(self, i: int) -> bool:
         return not self.sample or self.sample[i]
 
     def encode(self) -> torch.Tensor:
+        if self.previous_rows is not None:  # the tokens exist only on rank 0's device
+            raise QShardError("a step that takes the previous step's tokens on the device runs in one process "
+                              "only (async scheduling needs the uni executor)")
         n = len(self.seq_ids)
         want_all = self.prompt_logprobs or [False] * n
         tables = self.block_tables or [[] for _ in range(n)]
@@ -70,6 +78,19 @@ class StepInput:
     @classmethod
     def control(cls, flags: int) -> "StepInput":
         return cls([], [], [], flags=flags)
+
+
+class PendingOutput:
+    """Rank 0's output of a launched step: `result()` waits for its tokens to reach the host."""
+
+    def __init__(self, done: "StepOutput | None" = None, sampled=None):
+        self._done, self._sampled = done, sampled  # sampled: an engine.sampler.DeviceSample
+
+    def result(self) -> "StepOutput":
+        if self._done is None:
+            tokens, logprobs = self._sampled.to_host()
+            self._done = StepOutput(tokens, logprobs)
+        return self._done
 
 
 @dataclass

@@ -23,8 +23,9 @@ from engine.kv_cache import KVCache, block_bytes, num_kv_blocks
 from engine.load_progress import LoadProgress, Report
 from engine.models import model_class
 from engine.sampler import Sampler
-from engine.step import StepInput, StepOutput
+from engine.step import PendingOutput, StepInput, StepOutput
 from engine.weights import Weights
+from kernels.errors import QShardError
 from parallel.state import ParallelContext
 from quant import get_loader
 from quant.base import layouts_dropped
@@ -73,6 +74,7 @@ class Worker:
             self.graphs = DecodeGraphs(self.model, self.cache, min(config.max_num_seqs, config.cuda_graph_max_batch),
                                        max_blocks=-(-config.max_model_len // config.block_size), device=ctx.device)
         self.sampler = Sampler(config.seed) if ctx.rank == 0 else None
+        self._last_tokens: torch.Tensor | None = None  # the last step's sampled tokens, on the device
 
     def _profile_kv_blocks(self) -> int:
         """Blocks that fit in gpu_memory_utilization of the GPU after the weights and the peak of one
@@ -105,29 +107,61 @@ class Worker:
 
     # -- the step -------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput | None:
+        pending = self.launch(step)
+        return None if pending is None else pending.result()
+
+    @torch.inference_mode()
+    def launch(self, step: StepInput) -> PendingOutput | None:
+        """Run the step's forward and sampling without waiting for the GPU; rank 0's result comes
+        from the returned PendingOutput (None on other ranks). A step
+        with previous_rows takes its tokens from the previous step's sampled ones, on the device."""
         if self.sampler is not None:
             for seq_id in step.finished:
                 self.sampler.forget(seq_id)
         if not step.seq_ids:
-            return StepOutput([]) if self.ctx.rank == 0 else None
+            return PendingOutput(StepOutput([])) if self.ctx.rank == 0 else None
+        previous = self._previous_tokens(step) if step.previous_rows is not None else None
         self.cache.zero_new_blocks(step.block_tables)
         if self._graph_step(step):
-            logits = self.graphs.run([t[0] for t in step.token_ids], list(step.context_lens), step.block_tables)
+            logits = self.graphs.run(None if previous is not None else [t[0] for t in step.token_ids],
+                                     list(step.context_lens), step.block_tables, device_tokens=previous)
             if self.ctx.rank != 0:
                 return None
-            tokens, logprobs = self.sampler.sample(logits, step.seq_ids, step.sampling, step.penalties)
-            return StepOutput(tokens, logprobs)
-        batch = ForwardBatch.build(step.token_ids, step.context_lens, step.block_tables, self.ctx.device,
+            return self._sampled(logits, step)
+        token_ids = step.token_ids if previous is None else [[t] for t in previous.tolist()]
+        batch = ForwardBatch.build(token_ids, step.context_lens, step.block_tables, self.ctx.device,
                                    all_logits=step.prompt_logprobs)
         hidden = self.model(batch, self.cache)
         logits = self.model.compute_logits(hidden)
         if self.ctx.rank != 0:
             return None
         last = logits[batch.last_logit_row]
+        if not any(step.prompt_logprobs) and all(step.samples(i) for i in range(len(step.seq_ids))):
+            return self._sampled(last, step)
+        self._last_tokens = None  # a step that leaves rows unsampled is never continued on the device
         tokens, logprobs = self._sample(last, step)
-        return StepOutput(tokens, logprobs, self._prompt_logprobs(logits, batch, step))
+        return PendingOutput(StepOutput(tokens, logprobs, self._prompt_logprobs(logits, batch, step)))
+
+    def _sampled(self, logits: torch.Tensor, step: StepInput) -> PendingOutput:
+        sampled = self.sampler.sample_on_device(logits, step.seq_ids, step.sampling, step.penalties)
+        self._last_tokens = sampled.tokens
+        return PendingOutput(sampled=sampled)
+
+    def _previous_tokens(self, step: StepInput) -> torch.Tensor:
+        """The previous step's sampled tokens of step.previous_rows, on the device, without a sync."""
+        previous, rows = self._last_tokens, step.previous_rows
+        if self.ctx.world_size > 1 or self.ctx.rank != 0:
+            raise QShardError("a step that takes the previous step's tokens on the device needs one rank")
+        if previous is None or len(rows) != len(step.seq_ids) or (rows and max(rows) >= previous.numel()):
+            raise QShardError(f"the step takes {len(step.seq_ids)} tokens from rows {rows} of the previous step, "
+                              f"which sampled {0 if previous is None else previous.numel()} on the device")
+        if rows == list(range(previous.numel())):
+            return previous
+        index = torch.tensor(rows, dtype=torch.long)
+        if previous.is_cuda:  # pinned: the upload does not wait for the GPU's queue
+            index = index.pin_memory()
+        return previous.index_select(0, index.to(previous.device, non_blocking=True))
 
     def _sample(self, last: torch.Tensor, step: StepInput):
         """Sample the rows that sample this step; a prefill chunk before its prompt's end gets token

@@ -94,6 +94,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernels", default="auto",
                    help="comma-separated engine kernel paths for the layers' non-matmul work: auto, torch, triton "
                         "(each one a configuration: e.g. torch,auto gives before/after in one run)")
+    p.add_argument("--async-scheduling", default="auto",
+                   help="comma-separated: auto, on, off (each one configuration; auto: on for one rank on CUDA)")
     p.add_argument("--eager", action="store_true",
                    help="CUDA: no graph replay (every all-reduce is then timed; replayed steps are not)")
     p.add_argument("--seed", type=int, default=0)
@@ -110,6 +112,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _executor_options(args) -> dict:
     """LLM keyword arguments beyond the common ones (executor options, eager mode)."""
     opts = {"cuda_graphs": False} if args.eager else {}
+    if args.async_scheduling != "auto":
+        opts["async_scheduling"] = args.async_scheduling == "on"
     if args.executor == "ray":
         opts.update(ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus, log_to_driver=False)
     return opts
@@ -206,6 +210,16 @@ def _kernel_paths(args) -> list[str]:
     return list(dict.fromkeys(paths))
 
 
+def _async_modes(args) -> list[str]:
+    from kernels.errors import InputError
+
+    modes = [m.strip() for m in args.async_scheduling.split(",") if m.strip()]
+    if not modes or any(m not in ("auto", "on", "off") for m in modes):
+        raise InputError(f"--async-scheduling takes a comma-separated list of auto, on, off, got "
+                         f"{args.async_scheduling!r}")
+    return list(dict.fromkeys(modes))
+
+
 def _orchestrate(args) -> int:
     import torch
 
@@ -221,11 +235,12 @@ def _orchestrate(args) -> int:
     dtypes = list(dict.fromkeys(str(resolve_dtype(d.strip(), cfg, device)).replace("torch.", "")
                                 for d in args.dtype.split(",") if d.strip()))
     tps, _ = _ints(args.tp), _ints(args.batch)
-    kernel_paths = _kernel_paths(args)
+    kernel_paths, async_modes = _kernel_paths(args), _async_modes(args)
     report = {"config": {"model": Path(model_dir).name, "model_dir": model_dir, "load_format": load_format,
                          "shape": args.shape, "quant": args.quant, "executor": args.executor, "device": device,
                          "tp": tps, "batches": _ints(args.batch), "dtypes": dtypes, "input_len": args.input_len,
-                         "output_len": args.output_len, "seed": args.seed, "kernels": kernel_paths},
+                         "output_len": args.output_len, "seed": args.seed, "kernels": kernel_paths,
+                         "async_scheduling": async_modes},
               "machine": _machine(device), "results": [], "runs": [], "hf": [], "hf_skipped": {}, "failures": []}
     tmp = Path(tempfile.mkdtemp(prefix="qshard-bench-"))
     me = [sys.executable, "-m", "launch.bench_throughput"]
@@ -244,18 +259,17 @@ def _orchestrate(args) -> int:
             else:
                 report["hf"] += [{**r, "dtype": dtype} for r in hf["rows"]]
                 report["hf_transformers"] = hf.get("transformers")
-        for kernels, tp in [(k, t) for k in kernel_paths for t in tps]:
-            path = tmp / f"qshard-{dtype}-{kernels}-tp{tp}.json"
+        for kernels, mode, tp in [(k, a, t) for k in kernel_paths for a in async_modes for t in tps]:
+            path = tmp / f"qshard-{dtype}-{kernels}-async-{mode}-tp{tp}.json"
+            config = ["--kernels", kernels, "--async-scheduling", mode, "--measure", str(path)]
             if args.executor == "torchrun":
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp}",
-                       "-m", "launch.torchrun", "--log-level", "WARNING", "bench", "throughput", *common,
-                       "--kernels", kernels, "--measure", str(path)]
+                       "-m", "launch.torchrun", "--log-level", "WARNING", "bench", "throughput", *common, *config]
             else:
-                cmd = me + common + ["--tp", str(tp), "--executor", args.executor, "--kernels", kernels,
-                                     "--measure", str(path)]
+                cmd = me + common + ["--tp", str(tp), "--executor", args.executor, *config]
             try:
                 run = _child(cmd, path, args.config_timeout, f"qshard tp={tp} {dtype} kernels={kernels} "
-                                                             f"({args.executor})")
+                                                             f"async={mode} ({args.executor})")
             except RuntimeError as e:
                 logger.error("%s", e)
                 report["failures"].append(str(e).splitlines()[0])

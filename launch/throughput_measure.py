@@ -88,7 +88,8 @@ def measure_qshard(model_dir: str, *, tp: int, executor: str, dtype: str, device
                       "memory_mib": (s["memory_bytes"] or 0) / MIB,
                       "all_reduce_ms_per_step": reduce[i][0], "all_reduce_calls_per_step": reduce[i][1],
                       "all_gather_ms_per_step": gather[i][0]} for i, s in enumerate(stats)]
-            rows.append({"tp": tp, "batch": b, "kernels": kernels, "breakdown": None,
+            rows.append({"tp": tp, "batch": b, "kernels": kernels, "async_scheduling": llm.engine.async_scheduling,
+                         "breakdown": None,
                          "tokens": tokens, "elapsed_s": elapsed,
                          "tokens_per_s": tokens / elapsed, "steps": steps, "step_ms": 1000 * elapsed / max(steps, 1),
                          "all_reduce_ms_per_step": reduce[0][0] if reduce else 0.0,

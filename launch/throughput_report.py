@@ -7,7 +7,11 @@ from pathlib import Path
 
 
 def _kernels(r: dict) -> str:
-    return r.get("kernels", "auto")
+    """The row's engine path: its kernels option, and whether steps were scheduled asynchronously."""
+    label = r.get("kernels", "auto")
+    if "async_scheduling" in r:
+        label += " async" if r["async_scheduling"] else " sync"
+    return label
 
 
 def add_ratios(report: dict) -> None:

@@ -21,7 +21,7 @@ import abc
 import os
 
 from engine.engine_config import EngineConfig
-from engine.step import StepInput, StepOutput
+from engine.step import PendingOutput, StepInput, StepOutput
 from kernels.errors import QShardError
 
 
@@ -43,9 +43,22 @@ class Executor(abc.ABC):
         self.config = config
         self.steps_run = 0
 
+    #: whether steps may be launched before the previous step's tokens are read (async scheduling:
+    #: the tokens are fed back on rank 0's device, so only an executor of one in-process rank can)
+    can_overlap: bool = False
+
     @abc.abstractmethod
     def execute(self, step: StepInput) -> StepOutput:
         """Run one step on every rank; return rank 0's output."""
+
+    def launch(self, step: StepInput) -> PendingOutput:
+        """Start one step on every rank; its output comes from the PendingOutput (default: run it now)."""
+        return PendingOutput(self.execute(step))
+
+    @property
+    def overlaps_by_default(self) -> bool:
+        """Whether async scheduling is on when the engine config leaves it unset."""
+        return False
 
     def end_of_call(self, results: list[list[int]]) -> list[list[int]]:
         """Called by the driver when a generate() call is over (SPMD followers sync here)."""

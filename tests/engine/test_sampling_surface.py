@@ -366,9 +366,9 @@ def test_logprobs_are_log_softmax_of_the_sampler_logits(tiny_llm, monkeypatch):
 
     def recording(logits, seq_ids, params, penalties=None):
         seen.append((logits.float().clone(), list(seq_ids)))
-        return Sampler.sample(sampler, logits, seq_ids, params, penalties)
+        return Sampler.sample_on_device(sampler, logits, seq_ids, params, penalties)
 
-    monkeypatch.setattr(sampler, "sample", recording)
+    monkeypatch.setattr(sampler, "sample_on_device", recording)  # every step samples through it
     params = [SamplingParams(max_tokens=5, temperature=0, logprobs=5, ignore_eos=True),
               SamplingParams(max_tokens=5, seed=3, top_k=40, logprobs=20, ignore_eos=True, frequency_penalty=1.0),
               SamplingParams(max_tokens=5, logprobs=0, ignore_eos=True)]

@@ -21,7 +21,7 @@ def test_cpu_table_json_and_png_with_hf_ratio(model_dir, tmp_path):
                    "--output-len", "8", "--dtype", "float32", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=380)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "| float32 | - | HF | 2 |" in proc.stdout and "| float32 | auto | 3 | 2 |" in proc.stdout
+    assert "| float32 | - | HF | 2 |" in proc.stdout and "| float32 | auto sync | 3 | 2 |" in proc.stdout
     report = json.loads((tmp_path / "throughput.json").read_text())
     assert (tmp_path / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = {(r["tp"], r["batch"]): r for r in report["results"]}
