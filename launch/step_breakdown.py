@@ -206,7 +206,9 @@ def host_profile(fn, steps: int, baseline=None, top: int = 15) -> list[dict]:
 def loop_timeline(worker, fn) -> dict | None:
     """GPU time of each real decode step (its input upload and replay, CUDA events the graphs record
     while `fn` runs the engine loop) and the GPU's idle time between one step's end and the next's
-    start: the host gap measured directly, at the loop's own contexts. None without graphs."""
+    start: the host gap measured directly, at the loop's own contexts; and the decode step on the
+    GPU's clock (first step's start to last step's end, over the steps): unlike the wall clock of a
+    run less a separately timed prefill, it is exact at every batch size. None without graphs."""
     graphs = getattr(worker, "graphs", None)
     if graphs is None:
         return None
@@ -221,9 +223,11 @@ def loop_timeline(worker, fn) -> dict | None:
         return None
     busy = [b.elapsed_time(e) for b, e in events[1:]]
     idle = [events[i - 1][1].elapsed_time(events[i][0]) for i in range(2, len(events))]
+    span = events[1][0].elapsed_time(events[-1][1])  # the decode steps back to back, gaps included
     busy.sort()
     idle.sort()
-    return {"loop_steps": len(events), "loop_gpu_step_ms": sum(busy) / len(busy),
+    return {"loop_steps": len(events), "loop_step_ms": span / (len(events) - 1),
+            "loop_gpu_step_ms": sum(busy) / len(busy),
             "loop_gap_ms": sum(idle) / len(idle), "loop_gap_median_ms": idle[len(idle) // 2]}
 
 

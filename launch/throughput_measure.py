@@ -131,6 +131,7 @@ def _timings(llm, worker, prompts, row: dict, input_len: int, output_len: int, b
             max_tokens=output_len, temperature=0, ignore_eos=True)))
         if timeline is not None:
             out.update(timeline)
+            out["loop_tokens_per_s"] = b / timeline["loop_step_ms"] * 1e3
         out["launch_host_us"] = step_breakdown.launch_host_us(worker, b)
     except Exception as e:  # a report, never a reason to lose the row
         out["timeline_error"] = f"{type(e).__name__}: {e}"

@@ -60,13 +60,15 @@ def breakdown_table(report: dict) -> list[str]:
     rows = [r for r in report["results"] if r.get("breakdown")]
     if not rows:
         return []
-    out = ["", "decode step (ms): wall = GPU in the graph + GPU outside it (upload, sampling) + host gap (GPU idle); "
+    out = ["", "decode step (ms): decode tok/s from the wall clock (run less a separate prefill) and from CUDA "
+               "events (first decode step's start to the last one's end); "
+               "wall = GPU in the graph + GPU outside it (upload, sampling) + host gap (GPU idle); "
                "GPU in the graph = quantized matmul + dense matmul + attention + other kernels + gaps between them; "
                "floor = weights + KV cache at the mean context over the copy bandwidth",
-           "| dtype | kernels | batch | decode tok/s | wall | GPU graph | quant mm | dense mm | attention | other "
+           "| dtype | kernels | batch | decode tok/s | decode tok/s (events) | wall | GPU graph | quant mm | dense mm | attention | other "
            "| in-graph gaps | outside graph | host gap | GPU idle between steps (events) | replay() host us "
            "| launches | floor | share of floor | tokens equal |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     digests = {}
     for r in report["results"]:
         digests.setdefault((r["dtype"], r["tp"], r["batch"]), set()).add(r["tokens_digest"])
@@ -77,6 +79,7 @@ def breakdown_table(report: dict) -> list[str]:
                                     "attention_ms", "other_ms", "in_graph_gaps_ms", "outside_graph_gpu_ms",
                                     "host_gap_ms")]
         out.append(f"| {r['dtype']} | {_kernels(r)} | {r['batch']} | {_fmt(b.get('decode_tokens_per_s'), '.1f')} | "
+                   f"{_fmt(b.get('loop_tokens_per_s'), '.1f')} | "
                    + " | ".join(_fmt(c, ".3f") for c in cells)
                    + f" | {_fmt(b.get('loop_gap_ms'), '.3f')} | {_fmt(b.get('launch_host_us'), '.0f')}"
                    + f" | {_fmt(b.get('launches_per_step'), '.0f')} | {_fmt(b.get('floor_step_ms'), '.3f')} "
