@@ -8,8 +8,10 @@ blocksize (at most BLOCK_K), so a sub-block lies in one absmax block while a ste
 into a last axis of 2, so [BLOCK_N, NB, SUB / 2, 2] is K order. Codes become table values by a
 four-level select tree over the code's bits (the 16 table entries are scalars held in registers: no
 memory access; ptxas makes it ~17 instructions a code), or, DECODE_GATHER, by a load from the
-64-byte table (one L1-resident line; ~9 instructions and one load a code). Which is faster is for
-the GPU to say: `QSHARD_LUT_DECODE=select|gather`, read at prepare time, select by default.
+64-byte table (one L1-resident line; ~9 instructions and one load a code). On an H200 (bf16,
+Llama-2-7B shapes, 2026-12-03) the gather made the GEMV 1.8-2.1x faster (qkv at M = 1: 33 us against
+61) and the dot tiles 4x slower (M = 16: 317 us against 74), so the default ("auto") gathers in the
+GEMV and selects in the dot; `QSHARD_LUT_DECODE=select|gather` (read at prepare time) forces one.
 
 - GEMV (M <= GEMV_MAX_M: no tensor cores): x's rows are taken one at a time (a static loop over
   BLOCK_M), each read as [NB, SUB / 2, 2], multiplied by the decoded tile, summed per sub-block,
@@ -53,7 +55,7 @@ from kernels.triton_backend import split_workspace
 GEMV_MAX_M = 4
 MAX_SPLIT = 16
 INTERPRETED_SMS = 2  # the interpreter has no SMs: a fixed small count keeps its grids small
-DECODES = ("select", "gather")
+DECODES = ("auto", "select", "gather")
 
 
 def _lut_matmul(x_ptr, w_ptr, a_ptr, t_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K,
@@ -260,8 +262,9 @@ def sm_count(device: torch.device) -> int:
 
 
 def decode_mode() -> str:
-    """How codes become table values: QSHARD_LUT_DECODE=select (default) or gather (see the module doc)."""
-    mode = os.environ.get("QSHARD_LUT_DECODE", "select").strip().lower()
+    """How codes become table values: QSHARD_LUT_DECODE=auto (default: gather in the GEMV, select in
+    the dot), select or gather (see the module doc)."""
+    mode = os.environ.get("QSHARD_LUT_DECODE", "auto").strip().lower()
     if mode not in DECODES:
         raise InputError(f"QSHARD_LUT_DECODE={mode!r}: expected one of {DECODES}")
     return mode
@@ -307,7 +310,7 @@ class LutTritonWeight(PreparedWeight):
             x.stride(0), self.qweight.stride(0), self.absmax.stride(0), y.stride(0),
             BLOCKSIZE=self.blocksize, SUB=sub_block(self.blocksize, cfg.block_k), BLOCK_M=cfg.block_m,
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, GEMV=cfg.gemv,
-            DECODE_GATHER=self.decode == "gather", MASK_K=K % cfg.block_k != 0,
+            DECODE_GATHER=self.decode == "gather" or (self.decode == "auto" and cfg.gemv), MASK_K=K % cfg.block_k != 0,
             DOT_F32=bool(interpreted or x.dtype == torch.float32), num_warps=cfg.num_warps)
 
     def dequantize(self) -> torch.Tensor:

@@ -97,7 +97,7 @@ def test_paths_match_reference(triton_device, gemv, m, n, k, blocksize, dtype, b
         assert not ws.any() and not locks.any()
 
 
-@pytest.mark.parametrize("decode", ["select", "gather"])
+@pytest.mark.parametrize("decode", ["auto", "select", "gather"])
 @pytest.mark.parametrize("m,dtype", [(1, torch.bfloat16), (3, torch.float32), (5, torch.float16),
                                      (17, torch.bfloat16)])
 def test_dispatch_matches_reference(triton_device, monkeypatch, decode, m, dtype):
