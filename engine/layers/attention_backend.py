@@ -68,6 +68,21 @@ def cache_rows(batch: ForwardBatch, heads: int) -> torch.Tensor:
     return batch.cache_rows
 
 
+def fresh_prefill_runs(batch: ForwardBatch) -> list[list[int]]:
+    """The step's prefill sequences in order, grouped into runs of adjacent ones that have nothing
+    cached and the same number of new tokens (attended together); every other one alone."""
+    runs: list[list[int]] = []
+    for i in batch.prefill_seq_index:
+        prev = runs[-1][-1] if runs else None
+        if (prev is not None and batch.context_lens[i] == 0 and batch.context_lens[prev] == 0
+                and batch.query_lens[i] == batch.query_lens[prev]
+                and batch.token_starts[i] == batch.token_starts[prev] + batch.query_lens[prev]):
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
 class PagedAttention:
     name = "torch"
 
@@ -80,11 +95,29 @@ class PagedAttention:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if batch.decode_seq_index:
             self.decode(shape, q, out, batch, cache)
-        for i in batch.prefill_seq_index:
+        for run in fresh_prefill_runs(batch):
+            if len(run) > 1:  # equal fresh prompts side by side: one causal attention over all of them
+                self.prefill_together(shape, q, k, v, out, batch, run)
+                continue
+            i = run[0]
             start, n = batch.token_starts[i], batch.query_lens[i]
             out[start:start + n] = self.prefill(shape, q[start:start + n], k[start:start + n], v[start:start + n],
                                                 cache, batch, i)
         return out
+
+    @staticmethod
+    def prefill_together(shape: AttentionShape, q, k, v, out, batch: ForwardBatch, run: list[int]) -> None:
+        """Sequences `run`, adjacent in the step, each with n new tokens and nothing cached: their
+        tokens viewed as [G, n, heads, D] attend causally in one call (no cache read: all is in q, k, v)."""
+        n, start = batch.query_lens[run[0]], batch.token_starts[run[0]]
+        rows = slice(start, start + len(run) * n)
+
+        def heads_first(t):
+            return t[rows].view(len(run), n, t.shape[1], t.shape[2]).transpose(1, 2)
+
+        o = F.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v), is_causal=True,
+                                           scale=shape.scale, enable_gqa=shape.heads != shape.kv_heads)
+        out[rows] = o.transpose(1, 2).reshape(len(run) * n, shape.heads, shape.head_dim)
 
     def store(self, shape: AttentionShape, qkv, batch: ForwardBatch, cache: KVCache | None, rotary):
         """(q, k, v) with q and k rotated; with a cache, k and v written at each token's (block, offset)."""

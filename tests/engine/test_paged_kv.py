@@ -293,3 +293,33 @@ def test_a_static_decode_batch_derives_its_cache_rows_again_each_step():
         qkv = torch.randn(1, 6 * 32)
         _, k, _ = backend.store(shape, qkv, batch, cache, rotary)
         assert torch.equal(cache.k[0, block, :, offset], k[0])
+
+
+def test_equal_fresh_prompts_attend_together_as_each_alone(monkeypatch):
+    """Adjacent prompts with nothing cached and equal lengths are one causal attention call; the
+    output equals attending each alone, and the cache holds the same keys."""
+    from engine.batch import ForwardBatch
+    from engine.kv_cache import KVCache
+    from engine.layers import attention_backend
+    from engine.layers.attention_backend import AttentionShape, PagedAttention, fresh_prefill_runs
+    from engine.layers.rotary import RotaryEmbedding
+
+    cpu = torch.device("cpu")
+    lens, contexts = [7, 7, 7, 5, 7, 1], [0, 0, 0, 0, 0, 9]  # the last one decodes after 9 cached positions
+    tables = [[0], [1], [2], [3], [4], [5]]
+    batch_args = ([[1] * n for n in lens], contexts, tables, cpu)
+    assert fresh_prefill_runs(ForwardBatch.build(*batch_args)) == [[0, 1, 2], [3], [4]]
+    shape = AttentionShape(0, 4, 2, 32)
+    rotary = RotaryEmbedding(32, 64, 10000.0, None, torch.float32, cpu)
+    qkv = torch.randn(sum(lens), 8 * 32, generator=torch.Generator().manual_seed(1))
+    outs, caches = [], []
+    for together in (True, False):
+        if not together:
+            monkeypatch.setattr(attention_backend, "fresh_prefill_runs",
+                                lambda b: [[i] for i in b.prefill_seq_index])
+        cache = KVCache(1, 2, 32, torch.float32, cpu, num_blocks=6, block_size=BS)
+        cache.k.normal_(generator=torch.Generator().manual_seed(2))  # the decode row reads 9 cached positions
+        outs.append(PagedAttention().attend(shape, qkv.clone(), ForwardBatch.build(*batch_args), cache, rotary))
+        caches.append(cache.k.clone())
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    assert torch.equal(caches[0], caches[1])
