@@ -127,14 +127,17 @@ def candidates(M: int, N: int, K: int, per_word: int, sms: int, untimed: bool = 
                 if is_valid(cfg, per_word) and cfg not in out:
                     out.append(cfg)
     # Without the lop3 unpack (magic_asm=False) the peeled 4-bit dot tiles were 1.25-1.33x slower at
-    # M = 16 on an H200 (2026-12-02): no candidate. `untimed` adds variants interpreter-tested but not yet
-    # compiled and timed on a GPU (`bench kernels --sweep` times them; the engine's tuner does not):
-    # the lop3 slices joined into one dot per block, and, from M = 128, dequantize-once + cuBLAS.
-    if untimed and per_word == 8:
+    # M = 16 on an H200 (2026-12-02): no candidate. The H200 sweep of 2026-12-03 (bench/results/
+    # gpu-2026-12-03.md; Llama-2-7B and 70B/TP4 qkv and gate_up, bf16) timed two more: the lop3 slices
+    # joined into one dot per block won at M = 64 by 8-14% and lost 2-3x at M <= 16, so the tuner
+    # times them from M = 64; dequantize-once + cuBLAS won at M = 256 by 1.3-1.4x on all four layers
+    # and lost at M = 128 on three, so it is timed from M = 256. `untimed` (bench kernels --sweep)
+    # adds both below those sizes too.
+    if per_word == 8 and (untimed or bm >= 64):
         out += [replace(c, joined=True) for c in out if c.use_dot and not c.interleave]
     if permuted:  # H200, 2026-12-03: reading x through the permutation made 7B qkv 1.6x slower at M = 1, 3.9x at 64
         out += [replace(c, permute_x=True) for c in out]
-    if untimed and bm >= 128 and per_word > 1:
+    if per_word > 1 and (bm >= 256 or (untimed and bm >= 128)):
         out.append(KernelConfig(True, 64, 64, 128, dequant_mm=True))
     return out
 
