@@ -34,8 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="float HF model directory, or 'default' (SmolLM2-135M-Instruct)")
     p.add_argument("--method", choices=("gptq", "rtn"), default="gptq")
     p.add_argument("--bits", type=int, default=4, help=f"bits per weight: {', '.join(map(str, SUPPORTED_BITS))}")
-    p.add_argument("--group-size", type=int, default=128,
-                   help="input columns per scale/zero group (must divide every layer's in-features; -1: per channel)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="input columns per scale/zero group (must divide every layer's in-features; -1: per channel; "
+                        "default: 128, or the largest of 64 and 32 that divides every layer where 128 does not)")
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric (default)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric (zero points; GPTQ writes gptq_v2)")
@@ -100,11 +101,33 @@ def make_packer(fmt: str, args: QuantArgs, true_sequential: bool, damp: float, i
     return CompressedTensorsPacker(args, ignore=ignore)
 
 
+DEFAULT_GROUP_SIZES = (128, 64, 32)  # the default: the first that divides every layer's in-features
+
+
+def in_features(cfg) -> list[tuple[str, int]]:
+    return [("hidden_size", cfg.hidden_size), ("intermediate_size", cfg.intermediate_size),
+            ("num_attention_heads * head_dim", cfg.num_attention_heads * cfg.head_dim)]
+
+
+def default_group_size(cfg) -> int:
+    """128 where it divides every decoder linear's in-features (the hub's usual choice), else the
+    largest of 64 and 32 that does (SmolLM2-135M's hidden size 576 takes 64); else per channel."""
+    sizes = [k for _, k in in_features(cfg)]
+    for g in DEFAULT_GROUP_SIZES:
+        if all(k % g == 0 for k in sizes):
+            if g != DEFAULT_GROUP_SIZES[0]:
+                logger.info("group size %d: %d does not divide this model's in-features %s", g,
+                            DEFAULT_GROUP_SIZES[0], sorted(set(sizes)))
+            return g
+    logger.info("group size -1 (per channel): none of %s divides this model's in-features %s",
+                DEFAULT_GROUP_SIZES, sorted(set(sizes)))
+    return -1
+
+
 def check_group_size(cfg, args: QuantArgs) -> None:
     """Every decoder linear's in-features must be divisible by the group size (error names the
     largest that would work), checked before any weight is read."""
-    for what, k in (("hidden_size", cfg.hidden_size), ("intermediate_size", cfg.intermediate_size),
-                    ("num_attention_heads * head_dim", cfg.num_attention_heads * cfg.head_dim)):
+    for what, k in in_features(cfg):
         try:
             args.columns_per_group(k)
         except ValueError as e:
@@ -136,8 +159,6 @@ def run(args) -> int:
     from quant.output_dir import check_output_dir
 
     began = time.perf_counter()
-    qargs = QuantArgs(bits=args.bits, group_size=args.group_size, sym=args.sym, actorder=args.act_order,
-                      observer=args.observer)
     # the output is checked before anything is read or converted (the default model's directory
     # is known before it is made)
     check_output_dir(args.output, overwrite=args.overwrite,
@@ -145,6 +166,10 @@ def run(args) -> int:
     model_dir = resolve_model_path(args.model)
     cfg = ModelConfig.from_dir(model_dir)
     check_not_quantized(model_dir)
+    if args.group_size is None:
+        args.group_size = default_group_size(cfg)
+    qargs = QuantArgs(bits=args.bits, group_size=args.group_size, sym=args.sym, actorder=args.act_order,
+                      observer=args.observer)
     check_group_size(cfg, qargs)
     if args.samples < 1 or args.seqlen < 2:
         raise InputError(f"--samples must be >= 1 and --seqlen >= 2 (got {args.samples}, {args.seqlen})")

@@ -245,3 +245,20 @@ def test_observer_and_calibration_seed_options(tiny_model, tmp_path, capsys):
     assert torch.isfinite(engine_last_logits(out["mse"], PROMPTS)).all()
     with pytest.raises(SystemExit):  # argparse: not a choice
         quantize(tiny_model, tmp_path / "never", "--observer", "percentile")
+
+
+def test_default_group_size_is_128_where_it_divides_else_64_or_32():
+    """`qshard quantize` without --group-size works on any model: 128 where it divides every layer's
+    in-features, else 64 (SmolLM2-135M: hidden 576), else 32, else per channel."""
+    from types import SimpleNamespace
+
+    from launch.cmd_quantize import default_group_size
+
+    def cfg(hidden, inter, heads=8, head_dim=None):
+        return SimpleNamespace(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads,
+                               head_dim=head_dim or hidden // heads)
+
+    assert default_group_size(cfg(4096, 11008, 32)) == 128  # Llama-2-7B
+    assert default_group_size(cfg(576, 1536, 9, 64)) == 64  # SmolLM2-135M
+    assert default_group_size(cfg(96, 160)) == 32  # this file's tiny model
+    assert default_group_size(cfg(100, 300, 4)) == -1
